@@ -1,0 +1,98 @@
+"""convert(model, recipe): swap a model's eligible ``nn.Linear`` layers for ``FP4Linear``.
+
+Works on any ``nn.Module`` (our ``fp4train.model.LLaMA``, Hugging Face ``LlamaForCausalLM``,
+...). Embeddings, norms and attention products are not ``nn.Linear`` and stay as they are; the
+LM head (a layer named ``lm_head`` or ``output``, or one whose weight is tied to an embedding)
+stays in high precision unless ``recipe.quantize_lm_head``. Layers the recipe cannot handle
+(e.g. an in-features count not divisible by a block size) are skipped with a logged reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from fp4train.linear import FP4Linear
+from fp4train.recipe import OPERANDS, Recipe
+
+__all__ = ["convert", "unsupported_reason"]
+
+log = logging.getLogger("fp4train")
+_HEAD_NAMES = ("lm_head", "output")
+
+
+def unsupported_reason(recipe: Recipe, in_features: int, out_features: int) -> str | None:
+    """Why ``recipe`` cannot run a [out, in] linear layer, or None if it can."""
+    reduce_len = {  # the length of each operand's GEMM reduction dim
+        "fwd_x": in_features,
+        "fwd_w": in_features,
+        "dgrad_dy": out_features,
+        "dgrad_w": out_features,
+    }
+    for op in OPERANDS:
+        spec = recipe.operand(op)
+        if spec.quantized and spec.granularity == "block":
+            n = reduce_len.get(op)
+            if n is not None and n % spec.block_size:
+                return f"{op} uses blocks of {spec.block_size} but its reduction dim is {n}"
+    if recipe.backend == "triton":
+        from fp4train import kernels
+
+        return kernels.check_supported(recipe, in_features, out_features)
+    return None
+
+
+def _tied_to_embedding(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def convert(
+    model: nn.Module,
+    recipe: Recipe | str,
+    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    """Replace eligible ``nn.Linear`` modules of ``model`` in place with ``FP4Linear``.
+
+    Args:
+        model: any module; converted in place and returned.
+        recipe: a :class:`~fp4train.Recipe` or a preset name (``"fp4-paper"``, ...).
+        module_filter_fn: ``(module, fully_qualified_name) -> bool``; only layers for which
+            it returns True are converted (all eligible ones when None).
+
+    Returns the same ``model``. Parameters are reused, not copied, so an optimizer built
+    before conversion still holds the right tensors.
+    """
+    if isinstance(recipe, str):
+        recipe = Recipe.preset(recipe)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a Recipe or a preset name, got {type(recipe).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    tied = _tied_to_embedding(model)
+    swaps: list[tuple[str, nn.Module]] = []
+    for fqn, mod in model.named_modules():
+        if type(mod) is not nn.Linear:  # subclasses may change forward; FP4Linear is done
+            continue
+        if fqn == "":
+            raise TypeError("convert swaps submodules; wrap a bare nn.Linear with "
+                            "FP4Linear.from_linear(linear, recipe) instead")
+        leaf = fqn.rsplit(".", 1)[-1]
+        is_head = leaf in _HEAD_NAMES or id(mod.weight) in tied
+        if is_head and not recipe.quantize_lm_head:
+            log.info("fp4train.convert: keeping %s in high precision (LM head)", fqn)
+            continue
+        if module_filter_fn is not None and not module_filter_fn(mod, fqn):
+            continue
+        reason = unsupported_reason(recipe, mod.in_features, mod.out_features)
+        if reason is not None:
+            log.warning("fp4train.convert: skipping %s: %s", fqn, reason)
+            continue
+        swaps.append((fqn, mod))
+    for fqn, mod in swaps:
+        parent_name, _, leaf = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, FP4Linear.from_linear(mod, recipe))
+    log.info("fp4train.convert: %d linear layers now use recipe %s", len(swaps), recipe.name)
+    return model
