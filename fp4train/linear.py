@@ -78,13 +78,13 @@ def reference_forward(
     """Forward GEMM in float32: returns y [M, N] float32 and the tensors backward needs."""
     x_hp, w_hp = x2d.float(), weight.float()  # [M, K], [N, K]
     nf = recipe.nonfinite
-    r_dense = None
+    residual = None
     if recipe.occ is not None:
         if nf == "raise":
             _occ_check_finite(x_hp)
         x_c, residual = _occ.clamp_outliers(x_hp, recipe.occ.alpha, recipe.occ.granularity)
-        if recipe.occ.compensate:
-            r_dense = residual.to_dense().float()
+        if not recipe.occ.compensate:
+            residual = None
     else:
         x_c = x_hp
     qx = _quant(x_c, recipe.fwd_x, reduce_dim=1, nonfinite=nf)
@@ -92,11 +92,13 @@ def reference_forward(
     x_hat, w_hat = _deq(qx, x_c), _deq(qw, w_hp)
     # fwd: Y = Q(X_c) · Q(W)ᵀ + R · Wᵀ   [M,K] @ [K,N] -> [M,N]
     y = x_hat @ w_hat.t()
-    if r_dense is not None:
-        y = y + r_dense @ w_hp.t()
+    r_idx = r_val = None
+    if residual is not None:
+        y = y + residual.matmul_t(w_hp)  # sparse R [M,K] @ Wᵀ, float32
+        r_idx, r_val = residual.indices, residual.values
     # x_c is only needed when wgrad re-quantizes X itself
     x_keep = None if recipe.wgrad_x.reuse_fwd else x_c
-    saved = (x_keep, _scale_of(qx), _scale_of(qw), _data_of(qx), _data_of(qw), r_dense)
+    saved = (x_keep, _scale_of(qx), _scale_of(qw), _data_of(qx), _data_of(qw), r_idx, r_val)
     return y, saved
 
 
@@ -125,7 +127,7 @@ def reference_backward(
     need_dw: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dgrad and wgrad in float32 per the recipe; returns (dx [M, K], dw [N, K])."""
-    x_c, s_x, s_w, qx_data, qw_data, r_dense = saved
+    x_c, s_x, s_w, qx_data, qw_data, r_idx, r_val = saved
     dy = dy2d.float()  # [M, N]
     w_hp = weight.float()
     nf = recipe.nonfinite
@@ -152,8 +154,9 @@ def reference_backward(
             q_x = _quant(x_c, recipe.wgrad_x, reduce_dim=0, nonfinite=nf)
             q_dy = _quant(dy, recipe.wgrad_dy, reduce_dim=0, nonfinite=nf)
             dw = _deq(q_dy, dy).t() @ _deq(q_x, x_c)
-        if r_dense is not None:
-            dw = dw + dy.t() @ r_dense  # compensation: dYᵀ · R in high precision
+        if r_idx is not None:  # compensation: dYᵀ · R in high precision
+            residual = _occ.SparseResidual(r_idx, r_val, (dy.shape[0], w_hp.shape[1]))
+            dw = dw + residual.t_matmul(dy)
         if recipe.dge is not None:
             # DGE: d(master W) = d(Ŵ) · f'(w / s) at w's position in its grid interval
             s_full = _expand_scale(s_w, recipe.fwd_w, w_hp.shape)

@@ -21,9 +21,9 @@ clamping at α = 0.999 without compensation 98.83% / 0.0366 / 14.25; with compen
 ``round(q · (n − 1))`` (Python/torch rounding, half to even): ``torch.quantile(...,
 interpolation="nearest")``. It is always one of the input values.
 
-**No full sort.** Quantiles come from selection (``torch.kthvalue``), not a sort. A group
-(the whole tensor, or one row) of at most ``exact_max_numel`` elements (2**22) is selected
-exactly. A larger group is estimated from a deterministic strided sample of about
+**No full sort.** Quantiles come from selection (``torch.topk`` from the nearer tail), not a
+sort. A group (the whole tensor, or one row) of at most ``exact_max_numel`` elements (2**22)
+is selected exactly. A larger group is estimated from a deterministic strided sample of about
 ``sample_size`` (2**20) of its elements, the stride made coprime with the last dim so that a
 tensor-wide sample visits every column (activation outliers cluster in channels). For data
 without structure at the stride's period, the sample quantile's rank error behaves like a
@@ -87,6 +87,18 @@ def _rank(q: float, n: int) -> int:
     return round(q * (n - 1))  # half to even, as torch.quantile(interpolation="nearest")
 
 
+def _order_statistic(v: torch.Tensor, i: int) -> torch.Tensor:
+    """The value of 0-based rank ``i`` along v's last dim: [..., n] -> [...].
+
+    A top-k selection from the nearer end: for a tail quantile k is ~(1 − α)·n, and CUDA's
+    multi-block radix top-k is ~25x faster than ``kthvalue``'s one block per slice.
+    """
+    n = v.shape[-1]
+    if i >= n // 2:
+        return v.topk(n - i, dim=-1, largest=True, sorted=False).values.amin(dim=-1)
+    return v.topk(i + 1, dim=-1, largest=False, sorted=False).values.amax(dim=-1)
+
+
 def quantile_thresholds(
     x: torch.Tensor,
     alpha: float = 0.99,
@@ -123,9 +135,8 @@ def quantile_thresholds(
         s = _stride(n, sample_size, period)
         v = v[:, s // 2 :: s]  # offset s // 2: the middle of each stride-long stretch
         n = v.shape[-1]
-    # kthvalue takes a 1-based rank; selection, not a sort
-    lo = v.kthvalue(_rank(1 - alpha, n) + 1, dim=-1).values
-    hi = v.kthvalue(_rank(alpha, n) + 1, dim=-1).values
+    lo = _order_statistic(v, _rank(1 - alpha, n))
+    hi = _order_statistic(v, _rank(alpha, n))
     out = torch.float64 if x.dtype == torch.float64 else torch.float32
     return lo.to(out).reshape(out_shape), hi.to(out).reshape(out_shape)
 
@@ -194,8 +205,9 @@ class SparseResidual:
             m, k = k, m
         # rows are sorted, so row r's entries start at the count of entries with row < r
         crow = torch.searchsorted(rows, torch.arange(m + 1, device=rows.device))
-        with warnings.catch_warnings():  # torch flags CSR as beta; the products used are stable
+        with warnings.catch_warnings():  # CSR is "beta" in torch; the products used are stable
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly disabled")
             return torch.sparse_csr_tensor(crow, cols, vals, (m, k), check_invariants=False)
 
     def matmul_t(self, w: torch.Tensor) -> torch.Tensor:
@@ -212,7 +224,9 @@ class SparseResidual:
                 f"a residual of shape {tuple(self.shape)}, got {tuple(w.shape)}"
             )
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        out = torch.sparse.mm(self._csr(acc), w.to(acc).t())  # [M, K] @ [K, N] -> [M, N]
+        # cuSPARSE is ~10x faster with a row-major dense operand
+        w_t = w.to(acc).t().contiguous()  # [K, N]
+        out = torch.sparse.mm(self._csr(acc), w_t)  # [M, K] @ [K, N] -> [M, N]
         return out.reshape(*self.shape[:-1], w.shape[0])
 
     def t_matmul(self, dy: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,429 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from fp4train.model import (
+    CONFIGS,
+    LLaMA,
+    ModelConfig,
+    RMSNorm,
+    apply_rope,
+    get_config,
+    rope_cache,
+)
+
+
+def small_config(**kw) -> ModelConfig:
+    base = dict(dim=64, n_layers=2, n_heads=4, vocab_size=300, max_seq_len=32)
+    return ModelConfig(**(base | kw))
+
+
+def make_model(seed: int = 0, **kw) -> LLaMA:
+    torch.manual_seed(seed)
+    return LLaMA(small_config(**kw))
+
+
+# ---- configs and parameter counts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, lo, hi",
+    [
+        ("125m", 110e6, 170e6),
+        ("350m", 300e6, 420e6),
+        ("1.3b", 1.2e9, 1.5e9),
+        ("7b", 6.5e9, 7.0e9),
+    ],
+)
+def test_named_config_param_counts(name, lo, hi):
+    config = get_config(name, vocab_size=32000)
+    n = config.num_params()
+    assert lo <= n <= hi, f"{name}: {n:,} params"
+    # the analytic count agrees with a model built on the meta device (no memory used)
+    with torch.device("meta"):
+        model = LLaMA(config)
+    assert model.num_params() == n
+    assert model.num_params(exclude_embeddings=True) == config.num_params(exclude_embeddings=True)
+
+
+def test_7b_matches_llama2_7b():
+    # LLaMA-2 7B has 6,738,415,616 parameters (untied, vocab 32000)
+    assert get_config("7b").num_params() == 6_738_415_616
+
+
+def test_tiny_config_is_small():
+    config = get_config("tiny", vocab_size=4096)
+    assert 1e6 <= config.num_params() <= 5e6
+    assert config.max_seq_len == 256
+    assert LLaMA(config).num_params() == config.num_params()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_named_configs_fit_fp8_tensor_cores(name):
+    config = CONFIGS[name]
+    for layer, (n, k) in config.linear_shapes().items():
+        if layer != "lm_head":  # vocab comes from the tokenizer
+            assert n % 16 == 0 and k % 16 == 0, (name, layer, n, k)
+
+
+def test_ffn_hidden_defaults():
+    # LLaMA's rule: int(8 * dim / 3) rounded up to a multiple of 256
+    assert ModelConfig(dim=4096, n_layers=1, n_heads=32).ffn_dim == 11008
+    assert ModelConfig(dim=2048, n_layers=1, n_heads=16).ffn_dim == 5632
+    assert ModelConfig(dim=768, n_layers=1, n_heads=12, mlp="gelu").ffn_dim == 4 * 768
+    assert ModelConfig(dim=768, n_layers=1, n_heads=12, ffn_hidden=1000).ffn_dim == 1000
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_num_params_matches_module(mlp, tie):
+    config = small_config(mlp=mlp, n_kv_heads=2, tie_embeddings=tie)
+    model = LLaMA(config)
+    assert model.num_params() == config.num_params()
+    assert model.num_params(True) == config.num_params(True)
+    assert (model.lm_head.weight is model.tok_embeddings.weight) == tie
+    assert len(model.layers[0].feed_forward.state_dict()) == (3 if mlp == "swiglu" else 2)
+
+
+def test_flops_per_token_matches_flop_counter():
+    model = make_model(n_kv_heads=2)
+    B, T = 2, 32
+    idx = torch.randint(0, 300, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx).backward()
+    c = model.config
+    attention = 12 * c.n_layers * c.dim * T  # PaLM term; the CPU SDPA kernel is not counted
+    assert counter.get_total_flops() == (model.flops_per_token(T) - attention) * B * T
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(dim=65), "dim"),
+        (dict(n_heads=3), "dim"),
+        (dict(n_kv_heads=3), "n_heads"),
+        (dict(dim=0), "dim"),
+        (dict(n_layers=-1), "n_layers"),
+        (dict(vocab_size=2.5), "vocab_size"),
+        (dict(ffn_hidden=0), "ffn_hidden"),
+        (dict(mlp="relu"), "mlp"),
+        (dict(max_seq_len=0), "max_seq_len"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(norm_eps=-1e-5), "norm_eps"),
+        (dict(tie_embeddings="yes"), "tie_embeddings"),
+        (dict(dim=36, n_heads=12), "head_dim"),  # head_dim 3 is odd: no RoPE pairs
+    ],
+)
+def test_config_validation(kw, field):
+    with pytest.raises(ValueError, match=field):
+        small_config(**kw)
+
+
+def test_config_json_round_trip(tmp_path):
+    config = small_config(n_kv_heads=2, mlp="gelu", tie_embeddings=True, rope_theta=5e5)
+    path = tmp_path / "model.json"
+    config.to_json(path)
+    assert ModelConfig.from_json(path) == config
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert get_config(str(path), vocab_size=512) == dataclasses.replace(config, vocab_size=512)
+
+
+def test_config_from_dict_errors(tmp_path):
+    with pytest.raises(ValueError, match="n_layer"):
+        ModelConfig.from_dict(small_config().to_dict() | {"n_layer": 3})
+    with pytest.raises(ValueError, match="missing.*n_heads"):
+        ModelConfig.from_dict({"dim": 64, "n_layers": 2})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelConfig.from_json(bad)
+
+
+def test_get_config_errors_and_copies():
+    with pytest.raises(ValueError, match="unknown model config 'huge'"):
+        get_config("huge")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        get_config("nope.json")
+    config = get_config("125m", vocab_size=4096)
+    config.dim = 1
+    assert CONFIGS["125m"].dim == 768 and CONFIGS["125m"].vocab_size == 32000
+
+
+# ---- forward ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_forward_shapes_and_dtypes(mlp):
+    model = make_model(mlp=mlp)
+    idx = torch.randint(0, 300, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 300) and logits.dtype == torch.float32
+    loss = model(idx, idx)
+    assert loss.shape == () and loss.dtype == torch.float32
+    # the loss is the mean cross-entropy of those logits
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 300), idx.view(-1)))
+
+
+def test_forward_errors():
+    model = make_model()
+    with pytest.raises(ValueError, match="max_seq_len 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="batch, seq_len"):
+        model(torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets shape"):
+        model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 7, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
+def test_causality(n_kv_heads):
+    model = make_model(n_kv_heads=n_kv_heads)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 300, (2, 20), generator=g)
+    t = 11
+    changed = idx.clone()
+    changed[:, t + 1 :] = torch.randint(0, 300, (2, 20 - t - 1), generator=g)
+    changed[:, t + 1] = (idx[:, t + 1] + 1) % 300  # surely different
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-5)
+    assert (a[:, t + 1] - b[:, t + 1]).abs().max() > 1e-3  # the future does change
+
+
+def test_loss_at_init_is_log_vocab():
+    torch.manual_seed(0)
+    model = LLaMA(get_config("tiny", vocab_size=4096))
+    idx = torch.randint(0, 4096, (4, 64))
+    loss = model(idx, idx).item()
+    assert abs(loss - math.log(4096)) < 0.1, loss
+
+
+def test_init_stds():
+    torch.manual_seed(0)
+    config = ModelConfig(dim=256, n_layers=8, n_heads=4, vocab_size=1000)
+    model = LLaMA(config)
+    residual = 0.02 / math.sqrt(2 * config.n_layers)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.all(p == 1), name
+            continue
+        want = residual if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        assert abs(p.std().item() / want - 1) < 0.05, (name, p.std().item(), want)
+        assert abs(p.mean().item()) < 0.05 * want, name
+
+
+# ---- RoPE, attention, norm -------------------------------------------------------------------
+
+
+def _rope_reference(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Float64 complex rotation of pairs (x[i], x[i + D/2]) by pos * theta^(-2i/D)."""
+    B, T, H, D = x.shape
+    x = x.double()
+    z = torch.complex(x[..., : D // 2], x[..., D // 2 :])
+    freq = theta ** (-2.0 * torch.arange(D // 2, dtype=torch.float64) / D)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * freq  # [T, D/2]
+    z = z * torch.polar(torch.ones_like(angle), angle)[:, None, :]
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_matches_float64_reference(theta):
+    torch.manual_seed(0)
+    T, D = 2048, 64
+    x = torch.randn(2, T, 3, D)
+    cos, sin = rope_cache(T, D, theta)
+    out = apply_rope(x, cos, sin)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _rope_reference(x, theta), rtol=0, atol=2e-5)
+
+
+def test_rope_scores_depend_on_relative_position():
+    torch.manual_seed(0)
+    T, D = 64, 32
+    cos, sin = rope_cache(T, D)
+    q, k = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    qs = apply_rope(q.expand(1, T, 1, D).contiguous(), cos, sin)[0, :, 0]  # [T, D]
+    ks = apply_rope(k.expand(1, T, 1, D).contiguous(), cos, sin)[0, :, 0]
+    scores = qs @ ks.T  # [T, T], scores[m, n] = <rope(q, m), rope(k, n)>
+    for offset in (0, 3, -5):
+        diag = torch.diagonal(scores, offset)
+        torch.testing.assert_close(diag, diag[0].expand_as(diag), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.diagonal(scores), (q @ k).expand(T), rtol=0, atol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    gqa = make_model(n_heads=8, n_kv_heads=2)
+    mha = LLaMA(dataclasses.replace(gqa.config, n_kv_heads=None))
+    state = gqa.state_dict()
+    head_dim, n_rep = gqa.config.head_dim, 4
+    for key, w in list(state.items()):
+        if key.endswith(("wk.weight", "wv.weight")):
+            # query head h uses kv head h // n_rep: repeat each kv head's rows n_rep times
+            state[key] = w.view(2, head_dim, -1).repeat_interleave(n_rep, dim=0).reshape(-1, 64)
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 300, (2, 24))
+    torch.testing.assert_close(gqa(idx), mha(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matches_explicit_float64():
+    model = make_model(n_heads=4, n_kv_heads=2)
+    attn = model.layers[0].attention
+    B, T, H, KV, D = 2, 10, 4, 2, 16
+    x = torch.randn(B, T, 64)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    out = attn(x, cos, sin)
+
+    xd = x.double()
+    q = (xd @ attn.wq.weight.double().T).view(B, T, H, D)
+    k = (xd @ attn.wk.weight.double().T).view(B, T, KV, D)
+    v = (xd @ attn.wv.weight.double().T).view(B, T, KV, D)
+    q, k = _rope_reference(q, 10000.0), _rope_reference(k, 10000.0)
+    k, v = k.repeat_interleave(H // KV, dim=2), v.repeat_interleave(H // KV, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+    y = torch.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * D)
+    ref = y @ attn.wo.weight.double().T
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_rmsnorm_computes_in_float32():
+    torch.manual_seed(0)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(4, 64) * 1e3).bfloat16()
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    xd = x.double()
+    ref = xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.weight.double()
+    # float32 math then one rounding to bf16: within half a bf16 ulp (2^-9 relative) plus slack
+    torch.testing.assert_close(out.double(), ref, rtol=2**-8, atol=0)
+
+
+def test_bf16_autocast_forward_close_to_float32():
+    model = make_model()
+    idx = torch.randint(0, 300, (2, 32))
+    loss32 = model(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+        loss16 = model(idx, idx)
+    assert logits.dtype == torch.bfloat16
+    assert loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) < 0.02
+
+
+def test_compiles_without_graph_breaks():
+    model = make_model(n_kv_heads=2)
+    idx = torch.randint(0, 300, (2, 32))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(idx, idx), model(idx, idx))
+
+
+# ---- training and generation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_optimizer_steps_decrease_loss(mlp):
+    model = make_model(mlp=mlp, n_kv_heads=2)
+    idx = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(3))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_generate_greedy_and_top1():
+    model = make_model()
+    prompt = torch.randint(0, 300, (2, 5))
+    out = model.generate(prompt, max_new_tokens=40, temperature=0)  # runs past max_seq_len 32
+    assert out.shape == (2, 45) and torch.equal(out[:, :5], prompt)
+    expected = prompt
+    for _ in range(40):
+        nxt = model(expected[:, -32:])[:, -1].argmax(-1, keepdim=True)
+        expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(out, expected)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(prompt, 40, temperature=0.7, top_k=1), expected)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 1, temperature=-1)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cuda_model(**kw) -> LLaMA:
+    torch.manual_seed(0)
+    config = small_config(dim=256, n_heads=8, n_kv_heads=2, vocab_size=1024, max_seq_len=256)
+    return LLaMA(dataclasses.replace(config, **kw)).cuda()
+
+
+def _grads(model: LLaMA) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_cuda_bf16_autocast_close_to_float32(mlp):
+    model = _cuda_model(mlp=mlp)
+    idx = torch.randint(0, 1024, (4, 256), device="cuda")
+    loss32 = model(idx, idx)
+    loss32.backward()
+    g32 = _grads(model)
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss16 = model(idx, idx)
+    loss16.backward()
+    g16 = _grads(model)
+    assert loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) < 0.02
+    cos = F.cosine_similarity(g16, g32, dim=0).item()
+    assert cos > 0.99, cos
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_compile_matches_eager():
+    model = _cuda_model()
+    idx = torch.randint(0, 1024, (4, 256), device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(idx, idx)
+        fast = compiled(idx, idx)
+    eager.backward()
+    g_eager = _grads(model)
+    model.zero_grad()
+    fast.backward()
+    assert abs(fast.item() - eager.item()) < 1e-2
+    cos = F.cosine_similarity(_grads(model), g_eager, dim=0).item()
+    assert cos > 0.999, cos
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_gqa_equals_repeated_kv_in_bf16():
+    gqa = _cuda_model()
+    mha = LLaMA(dataclasses.replace(gqa.config, n_kv_heads=None)).cuda()
+    state = gqa.state_dict()
+    for key, w in list(state.items()):
+        if key.endswith(("wk.weight", "wv.weight")):
+            state[key] = w.view(2, 32, -1).repeat_interleave(4, dim=0).reshape(-1, 256)
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 1024, (2, 256), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = gqa(idx).float(), mha(idx).float()
+    err = ((a - b).norm() / b.norm()).item()
+    assert err < 1e-2, err
