@@ -76,8 +76,10 @@ def convert(
         if type(mod) is not nn.Linear:  # subclasses may change forward; FP4Linear is done
             continue
         if fqn == "":
-            raise TypeError("convert swaps submodules; wrap a bare nn.Linear with "
-                            "FP4Linear.from_linear(linear, recipe) instead")
+            raise TypeError(
+                "convert swaps submodules; wrap a bare nn.Linear with "
+                "FP4Linear.from_linear(linear, recipe) instead"
+            )
         leaf = fqn.rsplit(".", 1)[-1]
         is_head = leaf in _HEAD_NAMES or id(mod.weight) in tied
         if is_head and not recipe.quantize_lm_head:

@@ -73,7 +73,6 @@ class Format:
         return f"Format({self.name}, max={self.max:g})"
 
 
-@functools.lru_cache(maxsize=None)
 def get(name: str | Format) -> Format:
     """Return the format named ``"eXmY"`` (case-insensitive), e.g. ``get("e2m1").max == 6``.
 
@@ -81,9 +80,14 @@ def get(name: str | Format) -> Format:
     """
     if isinstance(name, Format):
         return name
-    if not isinstance(name, str):
+    if not isinstance(name, str):  # checked before the cache, which cannot hash lists
         raise ValueError(f"format must be a name like 'e2m1', got {name!r}")
-    m = _NAME_RE.match(name.strip().lower())
+    return _get(name.strip().lower())
+
+
+@functools.cache
+def _get(name: str) -> Format:
+    m = _NAME_RE.match(name)
     if m is None:
         raise ValueError(f"unknown format {name!r}: expected 'eXmY' such as 'e2m1', 'e4m3', 'e5m2'")
     ebits, mbits = int(m.group(1)), int(m.group(2))
@@ -158,8 +162,11 @@ def round_to_format(
     if rounding == "nearest":
         q = torch.round(u)  # half to even, so ties go to the even mantissa
     else:
+        # up with probability frac(u); floor(u + noise) would round u + noise to u + 1 in
+        # float when noise is within half an ulp of 1, moving exact grid values
         noise = torch.rand(u.shape, generator=generator, dtype=work, device=u.device)
-        q = torch.floor(u + noise)
+        q = torch.floor(u)
+        q = q + (noise < u - q).to(work)
     out = torch.clamp(q * step, max=fmt.max)
     out = torch.where(torch.isnan(xf), xf, torch.copysign(out, xf))
     return out.to(x.dtype)

@@ -160,9 +160,11 @@ def reference_backward(
         if recipe.dge is not None:
             # DGE: d(master W) = d(Ŵ) · f'(w / s) at w's position in its grid interval
             s_full = _expand_scale(s_w, recipe.fwd_w, w_hp.shape)
-            dw = dw * _dge.correction(
-                w_hp / s_full, recipe.fwd_w.format, recipe.dge.k, recipe.dge.clip
-            )
+            fmax = recipe.fwd_w.fmt().max
+            # absmax scaling puts |w/s| <= max; the rounded scale can push a row's largest
+            # weight an ulp past it, which correction() would treat as saturated (factor 0)
+            w_scaled = torch.clamp(w_hp / s_full, -fmax, fmax)
+            dw = dw * _dge.correction(w_scaled, recipe.fwd_w.format, recipe.dge.k, recipe.dge.clip)
     return dx, dw
 
 
@@ -217,6 +219,10 @@ class _FP4LinearFn(torch.autograd.Function):
     def backward(ctx, dy2d):
         weight, *saved = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.compiler.is_compiling():
+            # AOTAutograd traces backward with needs_input_grad it cannot trust (it gave
+            # all-zero weight grads): compute both; autograd drops what is not needed
+            need_dx = need_dw = True
         if ctx.use_triton:
             from fp4train import kernels
 
@@ -224,9 +230,7 @@ class _FP4LinearFn(torch.autograd.Function):
                 tuple(saved), dy2d, weight, ctx.recipe, need_dx, need_dw
             )
         else:
-            dx, dw = reference_backward(
-                tuple(saved), dy2d, weight, ctx.recipe, need_dx, need_dw
-            )
+            dx, dw = reference_backward(tuple(saved), dy2d, weight, ctx.recipe, need_dx, need_dw)
         dx = dx.to(ctx.x_dtype) if dx is not None else None
         dw = dw.to(weight.dtype) if dw is not None else None
         return dx, dw, None, None, None
@@ -279,9 +283,7 @@ class FP4Linear(nn.Linear):
                 f"{tuple(x.shape)}: its last dim must be {self.in_features}"
             )
         if x.device != self.weight.device:
-            raise ValueError(
-                f"input on {x.device} but FP4Linear weight on {self.weight.device}"
-            )
+            raise ValueError(f"input on {x.device} but FP4Linear weight on {self.weight.device}")
         if not self.recipe.quantized:
             return F.linear(x, self.weight, self.bias)
         dev = x.device.type

@@ -60,7 +60,9 @@ class QuantizedTensor:
 def absmax_scale(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
     """float32 scale ``amax / fmt.max``; 1 where amax is 0; floored at 2**-126."""
     amax = amax.float()
-    s = torch.clamp(amax / fmt.max, min=_MIN_SCALE)
+    # divide by a tensor: CUDA turns division by a Python scalar into a multiplication by its
+    # reciprocal, which differs from CPU (and from the kernels) by an ulp
+    s = torch.clamp(amax / torch.tensor(fmt.max, device=amax.device), min=_MIN_SCALE)
     return torch.where(amax > 0, s, torch.ones_like(s))
 
 
@@ -123,7 +125,9 @@ def quantize(
         raise ValueError(f"granularity='col' needs a tensor with at least 2 dims, got {x.ndim}")
     if granularity == "block":
         if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"granularity='block' needs a positive int block_size, got {block_size!r}")
+            raise ValueError(
+                f"granularity='block' needs a positive int block_size, got {block_size!r}"
+            )
         if x.ndim < 1 or x.shape[-1] % block_size:
             raise ValueError(
                 f"last dim {tuple(x.shape)[-1:]} is not divisible by block_size={block_size}"
@@ -138,12 +142,18 @@ def quantize(
         # OCP MX: shared exponent floor(log2(amax)) - emax of the element format
         emax = int(torch.tensor(fmt.max).log2().floor())
         _, e = torch.frexp(amax)
-        scale = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), e - 1 - emax), 1.0)
+        # E8M0's smallest value is 2**-127; below it the scale would underflow to 0 (0/0 = NaN)
+        e = torch.clamp(e - 1 - emax, min=-127)
+        scale = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), e), 1.0)
     elif scale_format == "e4m3":
         e4m3 = get("e4m3")
-        global_scale = absmax_scale(amax.amax(), e4m3) / fmt.max  # amax / (448 * fmt.max)
+        fmax = torch.tensor(fmt.max, device=amax.device)
+        global_scale = absmax_scale(amax.amax(), e4m3) / fmax  # amax / (448 * fmt.max)
         block = round_to_format(absmax_scale(amax, fmt) / global_scale, e4m3)
-        scale = torch.where(block > 0, block * global_scale, torch.ones_like(block))
+        # a nonzero block whose scale underflows E4M3 keeps E4M3's smallest value (never an
+        # unscaled 1); an all-zero block gets scale 1 like every other granularity
+        block = block.clamp(min=e4m3.min_positive)
+        scale = torch.where(amax > 0, block * global_scale, torch.ones_like(block))
     else:
         scale = absmax_scale(amax, fmt)
 

@@ -297,8 +297,12 @@ def _validate(r: Recipe) -> None:
             try:
                 formats.get(spec.format)
             except ValueError as e:
-                raise bad(f"{op}.format", spec.format, "None, 'e2m1', 'e4m3', 'e5m2', any "
-                          "'eXmY'" + (", or 'fwd'" if op in ("dgrad_w", "wgrad_x") else "")) from e
+                raise bad(
+                    f"{op}.format",
+                    spec.format,
+                    "None, 'e2m1', 'e4m3', 'e5m2', any "
+                    "'eXmY'" + (", or 'fwd'" if op in ("dgrad_w", "wgrad_x") else ""),
+                ) from e
         if spec.granularity not in _ALLOWED_GRAN[op]:
             raise bad(f"{op}.granularity", spec.granularity, _ALLOWED_GRAN[op])
         if spec.granularity == "block":
@@ -345,9 +349,9 @@ def _w4a4(name: str, dge: bool, occ: bool) -> Recipe:
         fwd_x=_e("e2m1", "row"),
         fwd_w=_e("e2m1", "row"),
         dgrad_dy=_e("e5m2", "row"),
-        dgrad_w=_e(_REUSE, "row"),
+        dgrad_w=_e(_REUSE, "col"),
         wgrad_dy=_e("e5m2", "col"),
-        wgrad_x=_e(_REUSE, "row"),
+        wgrad_x=_e(_REUSE, "col"),
         dge=DGEConfig() if dge else None,
         occ=OCCConfig() if occ else None,
     )
@@ -360,9 +364,9 @@ PRESETS: dict[str, Recipe] = {
         fwd_x=_e("e4m3", "row"),
         fwd_w=_e("e4m3", "row"),
         dgrad_dy=_e("e5m2", "row"),
-        dgrad_w=_e(_REUSE, "row"),
+        dgrad_w=_e(_REUSE, "col"),
         wgrad_dy=_e("e5m2", "col"),
-        wgrad_x=_e(_REUSE, "row"),
+        wgrad_x=_e(_REUSE, "col"),
     ),
     "fp4-paper": _w4a4("fp4-paper", dge=True, occ=True),
     "fp4-direct": _w4a4("fp4-direct", dge=False, occ=False),

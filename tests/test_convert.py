@@ -38,8 +38,13 @@ def test_convert_swaps_linears_keeps_head_and_params():
     idx = torch.randint(0, 100, (2, 7))
     ref = model(idx)
     convert(model, "fp4-paper")
-    assert _fp4_names(model) == {"blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down",
-                                 "odd"}
+    assert _fp4_names(model) == {
+        "blocks.0.up",
+        "blocks.0.down",
+        "blocks.1.up",
+        "blocks.1.down",
+        "odd",
+    }
     assert type(model.lm_head) is nn.Linear
     for n, p in model.named_parameters():  # reused, not copied
         assert p is params_before[n], n
@@ -92,8 +97,13 @@ def test_convert_is_idempotent_and_validates():
 def test_convert_hf_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -109,5 +119,6 @@ def test_convert_hf_llama():
     assert torch.isfinite(out.loss)
     rel = ((out.logits - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.5, f"relative logit change {rel:.3f} after FP4 conversion"
-    assert all(p.grad is not None for n, p in model.named_parameters() if "layers" in n
-               and "norm" not in n)
+    assert all(
+        p.grad is not None for n, p in model.named_parameters() if "layers" in n and "norm" not in n
+    )
