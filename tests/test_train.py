@@ -1,0 +1,326 @@
+"""Training loop: schedule, optimizer groups, recipe parsing, checkpoints, resume, divergence."""
+
+import dataclasses
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fp4train import Recipe
+from fp4train import train as train_mod
+from fp4train.data import Batcher, prepare_data
+from fp4train.model import LLaMA, ModelConfig
+from fp4train.train import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    TrainConfig,
+    build_optimizer,
+    eval_checkpoint,
+    load_checkpoint,
+    lr_multiplier,
+    parse_recipe,
+    read_metrics,
+    save_checkpoint,
+    split_recipe_list,
+    train,
+)
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog and cat run far from home while birds sing".split()
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # micro models run fastest on one thread, above all on a shared, loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A 2-layer dim-64 model config, a small seeded text file and a shared data cache."""
+    d = tmp_path_factory.mktemp("micro")
+    rng = random.Random(1234)
+    lines = [" ".join(rng.choices(WORDS, k=rng.randint(4, 14))) for _ in range(1500)]
+    (d / "text.txt").write_text("\n".join(lines) + "\n")
+    ModelConfig(dim=64, n_layers=2, n_heads=2, ffn_hidden=128, max_seq_len=32).to_json(
+        d / "micro.json"
+    )
+    return d
+
+
+def _cfg(micro, out, **kw) -> TrainConfig:
+    base = dict(
+        model=str(micro / "micro.json"),
+        data=str(micro / "text.txt"),
+        vocab_size=300,
+        cache_dir=str(micro / "cache"),
+        batch_size=4,
+        max_steps=8,
+        eval_every=4,
+        eval_batches=2,
+        log_every=1,
+        ckpt_every=4,
+        progress=False,
+        device="cpu",
+        out_dir=str(out),
+        lr=3e-3,
+    )
+    return TrainConfig(**(base | kw))
+
+
+def _losses(out) -> list[tuple]:
+    return [(r["step"], r["loss"], r["lr"]) for r in read_metrics(out) if "loss" in r]
+
+
+# ---------------------------------------------------------------------------- schedule
+def test_lr_multiplier_warmup_then_cosine_to_min():
+    max_steps, warm, floor = 100, 0.05, 0.1
+    got = [lr_multiplier(s, max_steps, warm, floor) for s in range(max_steps)]
+    assert got[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # 5 warm-up steps
+    # cosine from step 5 (factor 1) to the last step 99 (factor 0.1)
+    for s in (5, 30, 52, 77, 99):
+        t = (s - 5) / 94
+        assert got[s] == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+    assert got[-1] == pytest.approx(floor)
+    assert all(a >= b for a, b in zip(got[4:], got[5:], strict=False))
+    assert lr_multiplier(0, 10, 0.0, 0.1) == 1.0  # no warm-up
+
+
+def test_weight_decay_only_on_linear_matrices():
+    for tie in (False, True):
+        model = LLaMA(ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64, tie_embeddings=tie))
+        opt = build_optimizer(model, TrainConfig(weight_decay=0.1), lr=1e-3)
+        decay, no_decay = opt.param_groups
+        assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed = {names[id(p)] for p in decay["params"]}
+        expected = {
+            n
+            for n, p in model.named_parameters()
+            if p.ndim == 2 and not n.startswith("tok_embeddings")
+        }
+        assert decayed == expected
+        assert ("lm_head.weight" in decayed) == (not tie)
+        assert not any("norm" in n for n in decayed)
+        n_all = sum(len(g["params"]) for g in opt.param_groups)
+        assert n_all == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------------------- recipes
+def test_parse_recipe_brackets_equal_overrides():
+    a = parse_recipe("fp4-paper[dge.k=3,occ.alpha=0.999]")
+    b = Recipe.preset("fp4-paper").with_overrides(["dge.k=3", "occ.alpha=0.999"])
+    assert a == b and a.dge.k == 3 and a.occ.alpha == 0.999
+    c = parse_recipe("fp4-paper[dge.k=3]", ["fwd_format=e1m2"])
+    assert c.fwd_x.format == "e1m2" and c.dge.k == 3
+    assert parse_recipe("bf16") == Recipe.preset("bf16")
+
+
+@pytest.mark.parametrize(
+    "spec, overrides, needle",
+    [
+        ("nope", [], "unknown recipe preset 'nope'"),
+        ("fp4-paper", ["dge.k"], "key=value"),
+        ("fp4-paper", ["bogus=1"], "unknown recipe field 'bogus'"),
+        ("fp4-paper[occ.alpha=2]", [], "occ.alpha"),
+        ("missing.json", [], "does not exist"),
+    ],
+)
+def test_parse_recipe_errors_name_the_problem(spec, overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        parse_recipe(spec, overrides)
+
+
+def test_split_recipe_list():
+    assert split_recipe_list("bf16, fp4-paper[dge.k=3,occ.alpha=0.999],fp8") == [
+        "bf16",
+        "fp4-paper[dge.k=3,occ.alpha=0.999]",
+        "fp8",
+    ]
+    for bad in ("bf16,,fp8", "fp4-paper[dge.k=3", "fp4-paper]"):
+        with pytest.raises(ConfigError):
+            split_recipe_list(bad)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    good = {"step": 1, "w": torch.randn(4, 4)}
+    save_checkpoint(good, path)
+
+    def crashing_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 partial bytes of a zip")  # half-written file, then the crash
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint({"step": 2, "w": torch.zeros(4, 4)}, path)
+    monkeypatch.undo()
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], good["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+
+
+def test_corrupt_or_foreign_checkpoint_raises_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    real = tmp_path / "real.pt"
+    save_checkpoint({k: 0 for k in train_mod._CKPT_KEYS}, real)
+    raw = real.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    for name in ("trunc.pt", "noise.pt"):
+        with pytest.raises(CheckpointError, match="unreadable"):
+            load_checkpoint(tmp_path / name)
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an fp4train checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    save_checkpoint({"step": 3}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="lacks entries"):
+        load_checkpoint(tmp_path / "partial.pt")
+
+
+# ---------------------------------------------------------------------------- training
+def test_resume_continues_bit_for_bit(micro, tmp_path, monkeypatch):
+    straight = train(_cfg(micro, tmp_path / "straight"))
+
+    # crash in step 6: checkpoint at step 4, metrics rows up to step 5 on disk
+    calls = {"n": 0}
+    real_next = Batcher.next_batch
+
+    def flaky_next(self):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("simulated crash")
+        return real_next(self)
+
+    monkeypatch.setattr(Batcher, "next_batch", flaky_next)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_cfg(micro, tmp_path / "resumed"))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "resumed")["step"] == 4
+    resumed = train(_cfg(micro, tmp_path / "resumed", resume=True))
+
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+    assert len(_losses(tmp_path / "straight")) == 8
+    assert resumed["val_loss"] == straight["val_loss"]
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    losses = [x[1] for x in _losses(tmp_path / "straight")]
+    assert sum(losses[-3:]) < sum(losses[:3])  # and it learns
+
+
+def test_outputs_and_refusals(micro, tmp_path):
+    out = tmp_path / "run"
+    r = train(_cfg(micro, out, max_steps=4, keep_ckpts=1, ckpt_every=1))
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "metrics.jsonl",
+        "checkpoints",
+        "loss.png",
+        "eval.json",
+        "tokenizer.json",
+    } <= names
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest.pt",
+        "step_000004.pt",
+    ]
+    rows = read_metrics(out)
+    for row in (x for x in rows if "loss" in x):
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(row)
+    assert [x["step"] for x in rows if "val_loss" in x] == [4]
+    assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_cfg(micro, out, max_steps=4))
+    # resuming with another model is refused, not half-loaded
+    other = tmp_path / "other.json"
+    ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=32).to_json(other)
+    with pytest.raises(CheckpointError, match="model config"):
+        train(_cfg(micro, out, max_steps=4, model=str(other), resume=True))
+    with pytest.raises(CheckpointError, match="recipe"):
+        train(_cfg(micro, out, max_steps=4, recipe="bf16", resume=True))
+
+
+def test_mismatched_state_dict_is_refused(micro, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(micro, out, max_steps=2, recipe="bf16"))
+    ck = load_checkpoint(out)
+    del ck["model"]["layers.0.attention.wq.weight"]
+    broken = tmp_path / "broken.pt"
+    save_checkpoint({k: v for k, v in ck.items() if k not in ("format", "version")}, broken)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        eval_checkpoint(broken, device="cpu")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(micro, tmp_path, monkeypatch):
+    real_forward = LLaMA.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        out = real_forward(self, idx, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(LLaMA, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="diverged at step 3.*last good checkpoint"):
+        train(_cfg(micro, out, ckpt_every=2))
+    assert load_checkpoint(out)["step"] == 2
+    last = read_metrics(out)[-1]
+    assert last["step"] == 3 and last["nonfinite"] and last["loss"] is None
+
+
+def test_eval_checkpoint_matches_training_eval(micro, tmp_path):
+    out = tmp_path / "run"
+    r = train(_cfg(micro, out, max_steps=3))
+    e = eval_checkpoint(
+        out, batch_size=4, max_batches=2, device="cpu", cache_dir=str(micro / "cache")
+    )
+    assert e["val_loss"] == r["val_loss"] and e["step"] == 3
+    # a text file is encoded line by line with the checkpoint's tokenizer, exactly as the
+    # data pipeline encodes its train + validation splits
+    prepared = prepare_data(str(micro / "text.txt"), vocab_size=300, cache_dir=micro / "cache")
+    e = eval_checkpoint(out, data=str(micro / "text.txt"), max_batches=1, device="cpu")
+    assert e["tokens"] == len(prepared.train) + len(prepared.val)
+    ids = train_mod._tokenize_file(micro / "text.txt", prepared.tokenizer.to_str())
+    assert np.array_equal(ids, np.concatenate([prepared.train, prepared.val]))
+
+
+def test_config_validation():
+    for bad in (
+        {"batch_size": 0},
+        {"lr": -1.0},
+        {"warmup_frac": 1.5},
+        {"device": "tpu"},
+        {"precision": "fp8"},
+        {"resume": True},
+    ):
+        with pytest.raises(ConfigError):
+            dataclasses.replace(TrainConfig(), **bad).validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", ["bf16", "fp4-paper"])
+def test_trains_on_gpu_under_bf16_autocast(micro, tmp_path, recipe):
+    out = tmp_path / recipe
+    r = train(_cfg(micro, out, recipe=recipe, device="cuda", monitor_every=2))
+    rows = read_metrics(out)
+    assert all(math.isfinite(x["loss"]) for x in rows if "loss" in x)
+    assert math.isfinite(r["val_loss"])
+    ck = load_checkpoint(out)
+    assert len(ck["rng"]["cuda"]) >= 1
+    assert json.loads((out / "config.json").read_text())["autocast"] == "torch.bfloat16"
