@@ -1,0 +1,498 @@
+"""Speed and memory benchmarks of the triton backend (``fp4train bench ...``), on one GPU.
+
+- ``linear``:  FP4Linear fwd+bwd per recipe vs ``nn.Linear`` in bf16, same run, same inputs.
+- ``quant``:   each quantize kernel's bandwidth (bytes read + written) vs a same-size copy.
+- ``profile``: where the time of one FP4Linear fwd+bwd goes, kernel by kernel.
+- ``host``:    cProfile of the Python/launch side of a tiny FP4Linear fwd+bwd.
+- ``step``:    tokens/s and peak memory of a full training step (fwd + bwd + AdamW) of a
+               LLaMA model per recipe, bf16 autocast.
+
+Times are medians of ``triton.testing.do_bench`` (which clears L2 between runs) over rotating
+inputs. Each command prints a table; ``--results FILE`` appends it, with date and device, to a
+markdown file (benchmarks/RESULTS.md).
+
+Examples::
+
+    fp4train bench linear                      # the four LLaMA-7B shapes, M = 8192 tokens
+    fp4train bench linear --shapes 4096x4096 --recipes fp8 fp4-dge
+    fp4train bench quant --results benchmarks/RESULTS.md
+    fp4train bench step --models 125m 1.3b --batch 4 --seq 2048
+    fp4train bench all
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["bench_linear", "bench_quant", "profile_linear", "bench_step", "main"]
+
+DEFAULT_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192))
+# "fp4-paper" on Gaussian data (every column holds outliers) and on data whose outliers sit
+# in 3% of the channels, as in LLM activations ("+chan")
+DEFAULT_RECIPES = ("fp8", "fp4-dge", "fp4-paper", "fp4-paper+chan")
+
+
+def _require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("fp4train bench: needs a CUDA GPU (FP8 tensor cores, sm_89+)")
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _rotating(make: Callable[[], torch.Tensor], n: int) -> Callable[[], torch.Tensor]:
+    """A function returning one of ``n`` pre-made tensors in turn."""
+    pool = [make() for _ in range(n)]
+    state = [0]
+
+    def nxt() -> torch.Tensor:
+        state[0] = (state[0] + 1) % n
+        return pool[state[0]]
+
+    return nxt
+
+
+def _activations(m: int, k: int, dist: str, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(m, k, device="cuda", generator=gen)
+    if dist == "chan":  # a few channels 20x larger, as LLM activations have
+        idx = torch.randperm(k, device="cuda", generator=gen)[: max(k * 3 // 100, 1)]
+        x[:, idx] *= 20
+    return x.to(torch.bfloat16)
+
+
+def _split_recipe(spec: str) -> tuple[str, str]:
+    name, _, dist = spec.partition("+")
+    return name, dist or "gaussian"
+
+
+def bench_linear(
+    shapes=DEFAULT_SHAPES, recipes=DEFAULT_RECIPES, m: int = 8192, rotate: int = 3
+) -> list[dict]:
+    """FP4Linear fwd+bwd time per (shape, recipe) vs bf16 ``nn.Linear``, in one run.
+
+    ``recipes`` are preset names, optionally with ``+chan`` (activations with outlier
+    channels instead of Gaussian). Returns one row per (shape, recipe) with ms, TFLOP/s
+    (6·M·K·N per fwd+bwd) and speed-up over bf16.
+    """
+    from fp4train.linear import FP4Linear
+    from fp4train.recipe import Recipe
+
+    _require_cuda()
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for k, n in shapes:
+        flops = 6 * m * k * n
+        base = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        results = {}
+        for spec in ("bf16", *recipes):
+            name, dist = _split_recipe(spec)
+            xs = _rotating(lambda k=k, d=dist: _activations(m, k, d, gen).requires_grad_(), rotate)
+            dys = _rotating(
+                lambda n=n: torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=gen),
+                rotate,
+            )
+            if name == "bf16":
+                layer = base
+            else:
+                recipe = Recipe.preset(name).replace(backend="triton")
+                layer = FP4Linear(k, n, bias=False, device="cuda", recipe=recipe)
+                with torch.no_grad():
+                    layer.weight.copy_(base.weight.float())
+
+            def fwd_bwd(layer=layer, xs=xs, dys=dys):
+                x = xs()
+                y = layer(x)
+                torch.autograd.grad(y, (x, layer.weight), dys())
+
+            ms = _median_ms(fwd_bwd)
+            results[spec] = ms
+            rows.append(
+                dict(
+                    shape=f"{m}x{k}x{n}",
+                    recipe=spec,
+                    ms=ms,
+                    tflops=flops / ms / 1e9,
+                    speedup=results["bf16"] / ms,
+                )
+            )
+        del base
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _copy_gbps(nbytes: int) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def bench_quant(m: int = 8192, k: int = 4096, n: int = 4096) -> list[dict]:
+    """Bandwidth of each quantize kernel at an [m, k] activation / [n, k] weight / [m, n] dY,
+    as a fraction of a same-size device copy's (bytes read + written)."""
+    from fp4train.kernels import dge as kdge
+    from fp4train.kernels import occ as kocc
+    from fp4train.kernels import quantize as kq
+
+    _require_cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = _rotating(lambda: _activations(m, k, "gaussian", gen), 3)
+    w = _rotating(lambda: torch.randn(n, k, device="cuda", generator=gen) * 0.02, 3)
+    dy = _rotating(lambda: torch.randn(m, n, device="cuda", generator=gen).to(torch.bfloat16), 3)
+    s_w = torch.rand(n, device="cuda", generator=gen) + 0.5
+    s_x = torch.rand(m, device="cuda", generator=gen) + 0.5
+    lo = torch.tensor([-2.5], device="cuda")
+    hi = torch.tensor([2.5], device="cuda")
+    dw = _rotating(lambda: torch.randn(n, k, device="cuda", generator=gen).bfloat16(), 3)
+    # bytes: each input read once and each output written once (the floor)
+    cases = [
+        (
+            "X bf16 -> e2m1 per row, both layouts",
+            lambda: kq.quantize_rows(x(), "e2m1", store_qt=True),
+            m * k * (2 + 2) + 4 * m,
+        ),
+        (
+            "X bf16 -> e2m1 per row, both layouts, OCC clamp",
+            lambda: kq.quantize_rows(x(), "e2m1", lo=lo, hi=hi, store_qt=True),
+            m * k * (2 + 2) + 4 * m + 4 * k,
+        ),
+        (
+            "W fp32 -> e2m1 per row, both layouts",
+            lambda: kq.quantize_rows(w(), "e2m1", store_qt=True),
+            n * k * (4 + 2) + 4 * n,
+        ),
+        (
+            "dY bf16 -> e5m2 per row (s_w folded) + per col (s_x folded, transposed)",
+            lambda: kq.quantize_rowwise_and_colwise(dy(), "e5m2", "e5m2", s_w, s_x),
+            m * n * (2 + 2) + 8 * (m + n),
+        ),
+        (
+            "DGE: dW bf16, W fp32 -> dW fp32",
+            lambda: kdge.dge_weight_grad(dw(), w(), s_w, "e2m1", 5.0, 3.0),
+            n * k * (2 + 4 + 4),
+        ),
+        (
+            "OCC thresholds (tensor, 1M sample)",
+            lambda: kocc.occ_thresholds(x(), 0.99, "tensor"),
+            2 * (m * k) // 32,
+        ),
+        ("OCC thresholds (per row)", lambda: kocc.occ_thresholds(x(), 0.99, "row"), 2 * m * k),
+    ]
+    copy = _copy_gbps(m * k * 2)
+    rows = [
+        dict(
+            kernel="copy (bf16, same bytes as X)",
+            ms=2 * m * k * 2 / copy / 1e6,
+            gbps=copy,
+            pct_copy=100.0,
+        )
+    ]
+    for name, fn, nbytes in cases:
+        ms = _median_ms(fn)
+        gbps = nbytes / ms / 1e6
+        rows.append(dict(kernel=name, ms=ms, gbps=gbps, pct_copy=100 * gbps / copy))
+    return rows
+
+
+def profile_linear(
+    k: int = 4096, n: int = 4096, m: int = 8192, recipe: str = "fp4-dge"
+) -> list[dict]:
+    """Time of each kernel of one FP4Linear fwd+bwd (triton backend), run one by one, and the
+    host (Python + launch) time of a whole fwd+bwd on a tiny layer, where the GPU idles."""
+    from fp4train.kernels import dge as kdge
+    from fp4train.kernels import linear as klin
+    from fp4train.kernels import occ as kocc
+    from fp4train.kernels import quantize as kq
+    from fp4train.recipe import Recipe
+
+    _require_cuda()
+    r = Recipe.preset(recipe)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = _activations(m, k, "gaussian", gen)
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    dy = torch.randn(m, n, device="cuda", generator=gen).to(torch.bfloat16)
+    fx, fw = r.fwd_x.format, r.fwd_w.format
+    fdy, fdy2 = r.dgrad_dy.format, r.wgrad_dy.format
+    lo = hi = None
+    if r.occ is not None:
+        lo, hi = kocc.occ_thresholds(x, r.occ.alpha, r.occ.granularity)
+    q_x, s_x, q_x_t, r_amax = kq.quantize_rows(x, fx, lo=lo, hi=hi, store_qt=True)
+    q_w, s_w, q_w_t, _ = kq.quantize_rows(w, fw, store_qt=True)
+    q_dy, s_dy, q_dy2_t, s_dy2 = kq.quantize_rowwise_and_colwise(dy, fdy, fdy2, s_w, s_x)
+    dw32 = klin.scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32)
+    steps = []
+    if r.occ is not None:
+        steps.append(
+            ("OCC thresholds", lambda: kocc.occ_thresholds(x, r.occ.alpha, r.occ.granularity))
+        )
+    steps += [
+        ("quantize X (both layouts)",
+         lambda: kq.quantize_rows(x, fx, lo=lo, hi=hi, store_qt=True)),
+        ("quantize W (both layouts)", lambda: kq.quantize_rows(w, fw, store_qt=True)),
+        ("fwd GEMM (_scaled_mm)", lambda: klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)),
+    ]  # fmt: skip
+    if r.occ is not None and r.occ.compensate:
+        y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
+        _, cols, r_c = kocc.occ_compensate(y, x, lo, hi, r_amax, w)
+        steps += [
+            (f"OCC fwd compensation ({cols.numel()}/{k} cols)",
+             lambda: kocc.occ_compensate(y, x, lo, hi, r_amax, w)),
+            ("OCC wgrad compensation", lambda: kocc.occ_compensate_wgrad(dw32, dy, cols, r_c)),
+        ]  # fmt: skip
+    steps += [
+        ("quantize dY (both operands)",
+         lambda: kq.quantize_rowwise_and_colwise(dy, fdy, fdy2, s_w, s_x)),
+        ("dgrad GEMM (_scaled_mm)", lambda: klin.scaled_mm_rowwise(q_dy, q_w_t, s_dy, None)),
+        ("wgrad GEMM (_scaled_mm, fp32 out)",
+         lambda: klin.scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32)),
+    ]  # fmt: skip
+    if r.dge is not None:
+        steps.append(("DGE pass", lambda: kdge.dge_weight_grad(dw32, w, s_w, fw, 5.0, 3.0)))
+    rows = [dict(step=name, ms=_median_ms(fn)) for name, fn in steps]
+    total = sum(r_["ms"] for r_ in rows)
+    for r_ in rows:
+        r_["pct"] = 100 * r_["ms"] / total
+    rows.append(dict(step="sum of the kernels", ms=total, pct=100.0))
+    for name in ("bf16", recipe):
+        rows.append(dict(step=f"host time of a fwd+bwd, {name}, 64x256x256 layer",
+                         ms=_host_ms(name), pct=float("nan")))  # fmt: skip
+    return rows
+
+
+def profile_host(recipe: str = "fp4-dge", iters: int = 100, top: int = 25) -> str:
+    """cProfile of the host side of fwd+bwd of a tiny FP4Linear: where the launch time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from fp4train.linear import FP4Linear
+    from fp4train.recipe import Recipe
+
+    _require_cuda()
+    rec = Recipe.preset(recipe).replace(backend="triton")
+    layer = FP4Linear(256, 256, bias=False, device="cuda", recipe=rec)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    for _ in range(10):
+        torch.autograd.grad(layer(x), (x, layer.weight), dy)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        torch.autograd.grad(layer(x), (x, layer.weight), dy)
+    torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def _host_ms(recipe: str, iters: int = 200) -> float:
+    """Wall time per fwd+bwd of a tiny layer: Python and launch overhead, not GPU work."""
+    import time
+
+    from fp4train.linear import FP4Linear
+    from fp4train.recipe import Recipe
+
+    if recipe == "bf16":
+        layer = nn.Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
+    else:
+        rec = Recipe.preset(recipe).replace(backend="triton")
+        layer = FP4Linear(256, 256, bias=False, device="cuda", recipe=rec)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    for _ in range(10):
+        torch.autograd.grad(layer(x), (x, layer.weight), dy)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        torch.autograd.grad(layer(x), (x, layer.weight), dy)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters * 1e3
+
+
+def bench_step(
+    models=("125m", "1.3b"),
+    recipes=("bf16", "fp4-dge", "fp4-paper"),
+    batch: int = 4,
+    seq: int = 2048,
+    steps: int = 10,
+    compile: bool = False,
+) -> list[dict]:
+    """Tokens/s and peak memory of a training step (fwd + bwd + AdamW, bf16 autocast)."""
+    from fp4train.convert import convert
+    from fp4train.model import LLaMA, get_config
+    from fp4train.recipe import Recipe
+
+    _require_cuda()
+    rows = []
+    for model_name in models:
+        base_tps = None
+        for name in recipes:
+            torch.manual_seed(0)
+            cfg = get_config(model_name, vocab_size=32000)
+            model = LLaMA(cfg).cuda()
+            if name != "bf16":
+                convert(model, Recipe.preset(name).replace(backend="triton"))
+            fwd = torch.compile(model) if compile else model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            idx = torch.randint(0, 32000, (batch, seq + 1), device="cuda")
+
+            def step(fwd=fwd, opt=opt, idx=idx):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = fwd(idx[:, :-1], idx[:, 1:])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / steps
+            tps = batch * seq / ms * 1e3
+            base_tps = base_tps or tps
+            rows.append(
+                dict(
+                    model=model_name,
+                    recipe=name,
+                    ms=ms,
+                    tokens_per_s=tps,
+                    speedup=tps / base_tps,
+                    peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                )
+            )
+            del model, fwd, opt, step
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of dicts as a markdown table, floats with 3 significant digits."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+
+    def fmt(v) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _header(title: str) -> str:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    import triton
+
+    when = datetime.date.today().isoformat()
+    return f"### {title}\n\n{when}, {dev}, torch {torch.__version__}, triton {triton.__version__}\n"
+
+
+def _parse_shape(s: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        msg = f"shape must look like 4096x11008 (K x N), got {s!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    return k, n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fp4train bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + __doc__.split("Examples::\n")[1],
+    )
+    p.add_argument("what", choices=["linear", "quant", "profile", "host", "step", "all"])
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        type=_parse_shape,
+        default=list(DEFAULT_SHAPES),
+        help="K x N of the layer (default: the LLaMA-7B shapes and 8192x8192)",
+    )
+    p.add_argument("--tokens", type=int, default=8192, help="M, tokens per batch (8192)")
+    p.add_argument(
+        "--recipes",
+        nargs="+",
+        default=None,
+        help="presets to time (+chan: activations with outlier channels)",
+    )
+    p.add_argument("--models", nargs="+", default=["125m", "1.3b"], help="for step")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (step)")
+    p.add_argument("--seq", type=int, default=2048, help="sequence length (step)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (step)")
+    p.add_argument("--results", default=None, help="append the tables to this markdown file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fp4train bench``; returns the exit code."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    _require_cuda()
+    out = []
+    if args.what in ("linear", "all"):
+        rows = bench_linear(args.shapes, args.recipes or DEFAULT_RECIPES, m=args.tokens)
+        out.append(_header("FP4Linear fwd+bwd vs bf16 nn.Linear") + "\n" + format_table(rows))
+    if args.what in ("quant", "all"):
+        out.append(
+            _header("quantize kernels vs copy bandwidth")
+            + "\n"
+            + format_table(bench_quant(m=args.tokens))
+        )
+    if args.what in ("profile", "all"):
+        for r in args.recipes or ("fp4-dge", "fp4-paper"):
+            k, n = args.shapes[0]
+            out.append(
+                _header(f"FP4Linear {recipe_name(r)} fwd+bwd by kernel, {args.tokens}x{k}x{n}")
+                + "\n"
+                + format_table(profile_linear(k, n, args.tokens, recipe_name(r)))
+            )
+    if args.what == "host":
+        for r in args.recipes or ("fp4-dge",):
+            out.append(_header(f"host-side cProfile, {r} fwd+bwd of a 64x256x256 layer") + "\n"
+                       + "```\n" + profile_host(r) + "```")  # fmt: skip
+    if args.what in ("step", "all"):
+        rows = bench_step(
+            args.models,
+            args.recipes or ("bf16", "fp4-dge", "fp4-paper"),
+            args.batch,
+            args.seq,
+            compile=args.compile,
+        )
+        out.append(
+            _header(
+                f"training step, batch {args.batch} x seq {args.seq}"
+                f"{', compiled' if args.compile else ''}"
+            )
+            + "\n"
+            + format_table(rows)
+        )
+    text = "\n\n".join(out) + "\n"
+    print(text)
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write("\n" + text)
+    return 0
+
+
+def recipe_name(spec: str) -> str:
+    """A recipe spec without its ``+data`` suffix."""
+    return _split_recipe(spec)[0]

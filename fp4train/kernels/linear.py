@@ -1,0 +1,194 @@
+"""The triton backend of FP4Linear: fused quantize kernels + FP8 tensor-core GEMMs.
+
+The three GEMMs of Y = X Wᵀ run on ``torch._scaled_mm`` with row-wise float32 scales, which
+on Hopper needs A row-major and B column-major (the reduction dim contiguous in both), dims
+divisible by 16 and a bf16 or float32 output; A may be E5M2 when B is E4M3::
+
+    fwd:   Y  = (q_x·s_x) · (q_w·s_w)ᵀ    A = q_x   [M,K],  B = q_wᵀ  (q_w   [N,K] row-major)
+    dgrad: dX = (q_dy·s_dy) · q_w        A = q_dy  [M,N],  B = q_w   (q_w_t [K,N] row-major)
+    wgrad: dW = (q_dy2·s_dy2)ᵀ · q_x     A = q_dy2ᵀ[N,M],  B = q_x   (q_x_t [K,M] row-major)
+
+So each FP4 operand is stored in both layouts, written by one pass over its high-precision
+tensor (``quantize_rows(..., store_qt=True)``); backward keeps only the transposed copies
+(FP8, half the bytes of a bf16 X) and the float32 scales. One pass over dY
+(``quantize_rowwise_and_colwise``) writes both of its operands: dY·diag(s_w) per row (dgrad;
+W's scale sits on the reduction dim N) and diag(s_x)·dY per column, transposed (wgrad; X's
+scale sits on the reduction dim M). The token count M is padded to a multiple of 16 with zero
+rows.
+
+The wgrad GEMM writes the float32 master gradient directly; DGE then scales it in one pass.
+With OCC, the compensation products run over the residual's outlier columns only
+(``fp4train.kernels.occ``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fp4train.kernels.dge import dge_weight_grad
+from fp4train.kernels.occ import occ_compensate, occ_compensate_wgrad, occ_thresholds
+from fp4train.kernels.quantize import custom_op, quantize_rows, quantize_rowwise_and_colwise
+from fp4train.recipe import Recipe
+
+__all__ = ["check_supported", "linear_forward", "linear_backward", "scaled_mm_rowwise"]
+
+_FWD_FORMATS = ("e2m1", "e4m3")
+_GRAD_FORMATS = ("e4m3", "e5m2")
+
+
+def check_supported(recipe: Recipe, in_features: int, out_features: int) -> str | None:
+    """None if the triton backend runs ``recipe`` on a [out, in] layer, else the reason."""
+    if not recipe.quantized:
+        return "the recipe quantizes no operand (FP4Linear runs F.linear)"
+    for op, allowed in (
+        ("fwd_x", _FWD_FORMATS),
+        ("fwd_w", _FWD_FORMATS),
+        ("dgrad_dy", _GRAD_FORMATS),
+        ("wgrad_dy", _GRAD_FORMATS),
+    ):
+        spec = recipe.operand(op)
+        want = "col" if op == "wgrad_dy" else "row"
+        if spec.format not in allowed or spec.granularity != want:
+            return (
+                f"{op} = {spec.format} {spec.granularity}: the triton backend supports "
+                f"{'/'.join(allowed)} {want}-wise only"
+            )
+        if spec.rounding != "nearest":
+            return f"{op} rounding {spec.rounding!r}: the triton backend rounds to nearest only"
+    for op in ("dgrad_w", "wgrad_x"):
+        if not recipe.operand(op).reuse_fwd:
+            return f"{op} must reuse the forward's quantized tensor (format 'fwd')"
+    if recipe.compute_dtype != "bfloat16":
+        return f"compute_dtype {recipe.compute_dtype!r}: row-wise _scaled_mm outputs bfloat16"
+    for name, dim in (("in_features", in_features), ("out_features", out_features)):
+        if dim % 16:
+            return f"{name} = {dim} is not divisible by 16 (torch._scaled_mm needs it)"
+    return None
+
+
+def _check(recipe: Recipe, x2d: torch.Tensor, weight: torch.Tensor) -> None:
+    reason = check_supported(recipe, weight.shape[1], weight.shape[0])
+    if reason is not None:
+        raise NotImplementedError(
+            f"recipe {recipe.name!r} is not supported by the triton backend ({reason}); "
+            "use backend='reference'"
+        )
+    if x2d.ndim != 2 or x2d.shape[1] != weight.shape[1]:
+        raise ValueError(f"x2d must be [M, {weight.shape[1]}], got {tuple(x2d.shape)}")
+    if not x2d.is_cuda and not _interpreting():
+        raise ValueError(f"the triton backend needs CUDA tensors, got one on {x2d.device}")
+    if recipe.occ is not None and x2d.dtype != torch.bfloat16:
+        raise ValueError(f"the triton backend's OCC needs bf16 activations, got {x2d.dtype}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    """A cached float32 vector of ones (saves a launch per GEMM)."""
+    key = (n, device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones(n, dtype=torch.float32, device=device)
+    return _ONES[key]
+
+
+@custom_op("fp4train::scaled_mm_rowwise")
+def scaled_mm_rowwise(
+    a: torch.Tensor,
+    b_t: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor | None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``diag(scale_a) · a · b_tᵀ · diag(scale_b)`` on FP8 tensor cores, float32 accumulation.
+
+    a [M, R] fp8 row-major, b_t [N, R] fp8 row-major (the B operand transposed), scale_a [M],
+    scale_b [N] float32 (None: ones); returns [M, N] in ``out_dtype`` (bf16 or float32). A
+    custom op under torch.compile, so the compiled graph calls the same GEMM as eager.
+    """
+    sb = scale_b if scale_b is not None else _ones(b_t.shape[0], a.device)
+    if a.device.type != "cuda":  # interpreter runs: the same product in float32
+        out = (a.float() * scale_a.reshape(-1, 1)) @ (b_t.float() * sb.reshape(-1, 1)).t()
+        return out.to(out_dtype)
+    return torch._scaled_mm(
+        a,
+        b_t.t(),
+        scale_a=scale_a.reshape(-1, 1),
+        scale_b=sb.reshape(1, -1),
+        out_dtype=out_dtype,
+    )
+
+
+@scaled_mm_rowwise.op.register_fake
+def _(a, b_t, scale_a, scale_b, out_dtype=torch.bfloat16):
+    return a.new_empty((a.shape[0], b_t.shape[0]), dtype=out_dtype)
+
+
+def linear_forward(
+    x2d: torch.Tensor, weight: torch.Tensor, recipe: Recipe
+) -> tuple[torch.Tensor, tuple]:
+    """Y = X Wᵀ per ``recipe``: returns (y [M, N] bf16, tensors for :func:`linear_backward`).
+
+    x2d [M, K] (bf16 on the hot path), weight [N, K] (the float32 master). No bias.
+    """
+    _check(recipe, x2d, weight)
+    x2d = x2d.contiguous()
+    m = x2d.shape[0]
+    fx, fw = recipe.fwd_x.format, recipe.fwd_w.format
+    occ = recipe.occ
+    lo = hi = None
+    if occ is not None:
+        lo, hi = occ_thresholds(x2d, occ.alpha, occ.granularity)
+    # q_x [Mp,K] + q_x_t [K,Mp]; with OCC the clamped X and its residual's column amax
+    q_x, s_x, q_x_t, r_amax = quantize_rows(x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True)
+    q_w, s_w, q_w_t, _ = quantize_rows(weight, fw, store_q=True, store_qt=True)
+    # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
+    y = scaled_mm_rowwise(q_x, q_w, s_x, s_w)[:m]
+    cols = r_c = None
+    if occ is not None and occ.compensate:
+        # Y += R·Wᵀ over the outlier columns, in bf16 with float32 accumulation
+        y, cols, r_c = occ_compensate(y, x2d, lo, hi, r_amax, weight)
+    return y, (q_x_t, s_x, q_w_t, s_w, cols, r_c)
+
+
+def linear_backward(
+    saved: tuple,
+    dy2d: torch.Tensor,
+    weight: torch.Tensor,
+    recipe: Recipe,
+    need_dx: bool,
+    need_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dgrad and wgrad from :func:`linear_forward`'s ``saved``: (dx [M, K] bf16, dw [N, K] f32)."""
+    q_x_t, s_x, q_w_t, s_w, cols, r_c = saved
+    dy2d = dy2d.contiguous()
+    m = dy2d.shape[0]
+    dx = dw = None
+    if not (need_dx or need_dw):
+        return dx, dw
+    # dY·diag(s_w) per row (dgrad; W's scale sits on the reduction dim N) and diag(s_x)·dY per
+    # column (wgrad; X's scale sits on the reduction dim M), from one pass over dY
+    q_dy, s_dy, q_dy2_t, s_dy2 = quantize_rowwise_and_colwise(
+        dy2d, recipe.dgrad_dy.format, recipe.wgrad_dy.format, s_w, s_x[:m], need_dx, need_dw
+    )
+    if need_dx:
+        # dgrad: dX = (q_dy·s_dy) · q_w   [Mp,N] @ [N,K] -> [Mp,K]
+        dx = scaled_mm_rowwise(q_dy, q_w_t, s_dy, None)[:m]
+    if need_dw:
+        # wgrad: dW = (q_dy2·s_dy2)ᵀ · q_x   [N,Mp] @ [Mp,K] -> [N,K]
+        dw = scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32)
+        if cols is not None:
+            dw = occ_compensate_wgrad(dw, dy2d, cols, r_c)  # dW += dYᵀ·R, outlier columns
+        if recipe.dge is not None:
+            dw = dge_weight_grad(
+                dw, weight, s_w, recipe.fwd_w.format, recipe.dge.k, recipe.dge.clip
+            )
+        else:
+            dw = dw.to(weight.dtype)
+    return dx, dw

@@ -1,0 +1,234 @@
+"""OCC on the GPU: exact quantile thresholds by radix selection, and the compensation GEMMs.
+
+**Thresholds.** :func:`fp4train.occ.quantile_thresholds` takes the order statistics of ranks
+``round((1 − α)(n − 1))`` and ``round(α(n − 1))`` of each group (the tensor, or a row), from a
+strided sample when the group is large. We select the same elements without sorting: a bf16
+value's bits map to a 16-bit key that orders like the value, so a 256-bin histogram of the
+key's high byte finds the bin holding each rank, and a second histogram of the low byte within
+that bin finds the value. Two passes over the (sampled) data, four small launches, and the
+result is exact: the same float32 thresholds as the reference, bit for bit.
+
+**Compensation.** R = X − clamp(X, lo, hi) is nonzero on about 2(1 − α) of the entries. The
+forward's fused quantize kernel records the per-column amax of |R|; only columns holding an
+outlier enter the compensation GEMMs, as a dense [M, C] block in bf16 (tensor cores, float32
+accumulation): Y += R_C · W_Cᵀ and dW[:, C] += dYᵀ · R_C. On activations whose outliers sit in
+a few channels C is small; on unstructured data (e.g. Gaussian) every column holds some
+outlier and this costs a bf16 GEMM in forward and in wgrad (see benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fp4train import occ as _occ
+from fp4train.kernels import quantize as _q
+
+__all__ = ["occ_thresholds", "occ_compensate", "occ_compensate_wgrad"]
+
+_CHUNK = 4096  # elements per program of the histogram passes
+
+
+@triton.jit
+def _key16(x):
+    """bf16 bits -> 16-bit key (int32) that orders like the values (-0 just below +0)."""
+    b = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.where(b >= 0x8000, b ^ 0xFFFF, b | 0x8000)
+
+
+@triton.jit
+def _hist_high_kernel(x_ptr, n, hist_ptr, CHUNK: tl.constexpr):
+    """hist[g, key >> 8] += 1 over group g = program_id(1), elements [c*CHUNK, (c+1)*CHUNK)."""
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < n
+    x = tl.load(x_ptr + g.to(tl.int64) * n + offs, mask=mask, other=0.0)
+    # masked lanes land in bin 0 and are taken back out
+    high = tl.where(mask, _key16(x) >> 8, 0)
+    h = tl.histogram(high, 256)
+    bins = tl.arange(0, 256)
+    h = h - tl.where(bins == 0, tl.sum((~mask).to(tl.int32)), 0)
+    tl.atomic_add(hist_ptr + g * 256 + bins, h)
+
+
+@triton.jit
+def _select_bin(hist, rank):
+    """The bin holding the element of 0-based ``rank`` and that element's rank inside it."""
+    cum = tl.cumsum(hist, axis=0)
+    b = tl.sum((cum <= rank).to(tl.int32))
+    below = tl.sum(tl.where(tl.arange(0, 256) < b, hist, 0))
+    return b, rank - below
+
+
+@triton.jit
+def _select_high_kernel(hist_ptr, state_ptr, rank_lo, rank_hi):
+    g = tl.program_id(0)
+    hist = tl.load(hist_ptr + g * 256 + tl.arange(0, 256))
+    b_lo, r_lo = _select_bin(hist, rank_lo)
+    b_hi, r_hi = _select_bin(hist, rank_hi)
+    tl.store(state_ptr + g * 4 + 0, b_lo)
+    tl.store(state_ptr + g * 4 + 1, r_lo)
+    tl.store(state_ptr + g * 4 + 2, b_hi)
+    tl.store(state_ptr + g * 4 + 3, r_hi)
+
+
+@triton.jit
+def _hist_low_kernel(x_ptr, n, state_ptr, hist_ptr, CHUNK: tl.constexpr):
+    """hist[g, j, key & 255] += 1 for elements whose high byte is the selected bin j (lo, hi)."""
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < n
+    x = tl.load(x_ptr + g.to(tl.int64) * n + offs, mask=mask, other=0.0)
+    key = _key16(x)
+    bins = tl.arange(0, 256)
+    for j in tl.static_range(2):
+        sel = mask & ((key >> 8) == tl.load(state_ptr + g * 4 + 2 * j))
+        h = tl.histogram(tl.where(sel, key & 0xFF, 0), 256)
+        h = h - tl.where(bins == 0, tl.sum((~sel).to(tl.int32)), 0)
+        tl.atomic_add(hist_ptr + (g * 2 + j) * 256 + bins, h)
+
+
+@triton.jit
+def _select_low_kernel(hist_ptr, state_ptr, lo_ptr, hi_ptr):
+    g = tl.program_id(0)
+    for j in tl.static_range(2):
+        hist = tl.load(hist_ptr + (g * 2 + j) * 256 + tl.arange(0, 256))
+        b, _ = _select_bin(hist, tl.load(state_ptr + g * 4 + 2 * j + 1))
+        key = (tl.load(state_ptr + g * 4 + 2 * j) << 8) | b
+        bits = tl.where(key >= 0x8000, key ^ 0x8000, key ^ 0xFFFF)
+        # bf16 bits are the high half of the float32 bits
+        value = (bits << 16).to(tl.float32, bitcast=True)
+        if j == 0:
+            tl.store(lo_ptr + g, value)
+        else:
+            tl.store(hi_ptr + g, value)
+
+
+def _groups(x: torch.Tensor, granularity: str, exact_max_numel: int, sample_size: int):
+    """The groups [G, n] (contiguous) whose quantiles the reference takes; shape of lo/hi."""
+    if granularity == "tensor":
+        v = x.reshape(1, -1)
+    else:
+        v = x.reshape(-1, x.shape[-1])
+    n = v.shape[-1]
+    if n > exact_max_numel:
+        period = x.shape[-1] if granularity == "tensor" and x.ndim else 1
+        s = _occ._stride(n, sample_size, period)
+        v = v[:, s // 2 :: s]
+    return v.contiguous()
+
+
+@_q.custom_op("fp4train::occ_thresholds")
+def occ_thresholds(
+    x: torch.Tensor,
+    alpha: float,
+    granularity: str,
+    exact_max_numel: int = 2**22,
+    sample_size: int = 2**20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp4train.occ.quantile_thresholds`` for bf16 ``x`` [M, K], without a sort.
+
+    Returns float32 ``(lo, hi)``: shape [1] for ``granularity="tensor"``, [M] for ``"row"``;
+    equal bit for bit to the reference's thresholds (same sample, same ranks, exact selection).
+    Does not check for NaN/Inf (that needs a host sync); NaN sorts above +Inf here.
+    """
+    if x.dtype != torch.bfloat16 or x.ndim != 2:
+        raise ValueError(f"occ_thresholds needs a 2-D bf16 tensor, got {x.dtype} {tuple(x.shape)}")
+    if granularity not in _occ.GRANULARITIES:
+        raise ValueError(f"granularity must be one of {_occ.GRANULARITIES}, got {granularity!r}")
+    if x.numel() == 0:
+        raise ValueError("cannot take quantiles of an empty tensor")
+    v = _groups(x, granularity, exact_max_numel, sample_size)  # [G, n]
+    g, n = v.shape
+    dev = x.device
+    hist_high = torch.zeros(g, 256, dtype=torch.int32, device=dev)
+    hist_low = torch.zeros(g, 2, 256, dtype=torch.int32, device=dev)
+    state = torch.empty(g, 4, dtype=torch.int32, device=dev)
+    lo = _q.empty_output(g, torch.float32, dev)
+    hi = _q.empty_output(g, torch.float32, dev)
+    grid = (triton.cdiv(n, _CHUNK), g)
+    _hist_high_kernel[grid](v, n, hist_high, CHUNK=_CHUNK, num_warps=8)
+    _select_high_kernel[(g,)](
+        hist_high, state, _occ._rank(1 - alpha, n), _occ._rank(alpha, n), num_warps=1
+    )
+    _hist_low_kernel[grid](v, n, state, hist_low, CHUNK=_CHUNK, num_warps=8)
+    _select_low_kernel[(g,)](hist_low, state, lo, hi, num_warps=1)
+    return lo, hi
+
+
+@occ_thresholds.op.register_fake
+def _(x, alpha, granularity, exact_max_numel=2**22, sample_size=2**20):
+    g = 1 if granularity == "tensor" else x.shape[0]
+    return x.new_empty(g, dtype=torch.float32), x.new_empty(g, dtype=torch.float32)
+
+
+def _residual_columns(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, resid_col_amax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cols [C] int64, r_c [M, C] float32): the residual on the columns holding an outlier.
+
+    ``r_c = x[:, cols] − clamp(x[:, cols], lo, hi)`` in float32 (exact for bf16 x), ``cols``
+    where ``resid_col_amax`` > 0. Syncs with the host (C is data-dependent).
+    """
+    cols = (resid_col_amax > 0).nonzero().squeeze(1)
+    xc = x.index_select(1, cols).float()  # [M, C]
+    lo2, hi2 = lo.reshape(-1, 1), hi.reshape(-1, 1)
+    return cols, xc - torch.minimum(torch.maximum(xc, lo2), hi2)
+
+
+@_q.custom_op("fp4train::occ_compensate")
+def occ_compensate(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    resid_col_amax: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward compensation ``Y + R · Wᵀ`` over the residual's outlier columns C only.
+
+    y [M, N] bf16 (the quantized GEMM's output), x [M, K] bf16, (lo, hi) the clamp thresholds
+    ([1] or [M]), ``resid_col_amax`` [K] from ``quantize_rows(x, lo=lo, hi=hi)``, weight [N, K].
+    Returns ``(y + R_C · W_Cᵀ, cols [C] int64, r_c [M, C] bf16)``; R_C and W_C enter the
+    tensor cores in bf16 with float32 accumulation. ``(cols, r_c)`` serve the wgrad term.
+    """
+    cols, r_c = _residual_columns(x, lo, hi, resid_col_amax)
+    r_c = r_c.to(torch.bfloat16)
+    if cols.numel() == 0:
+        return y.clone(), cols, r_c
+    # Y += R_C · W_Cᵀ   [M,C] @ [C,N] -> [M,N]
+    w_c = weight.index_select(1, cols).to(torch.bfloat16)
+    return torch.addmm(y, r_c, w_c.t()), cols, r_c
+
+
+@occ_compensate.op.register_fake
+def _(y, x, lo, hi, resid_col_amax, weight):
+    c = torch.library.get_ctx().new_dynamic_size()
+    return (
+        y.new_empty(y.shape),
+        x.new_empty(c, dtype=torch.int64),
+        x.new_empty((x.shape[0], c), dtype=torch.bfloat16),
+    )
+
+
+@_q.custom_op("fp4train::occ_compensate_wgrad")
+def occ_compensate_wgrad(
+    dw: torch.Tensor, dy: torch.Tensor, cols: torch.Tensor, r_c: torch.Tensor
+) -> torch.Tensor:
+    """Weight-gradient compensation: float32 ``dW`` with ``dW[:, C] += dYᵀ · R_C``.
+
+    dw [N, K] (any float dtype), dy [M, N], (cols, r_c) from :func:`occ_compensate`.
+    """
+    out = dw.float() if dw.dtype != torch.float32 else dw.clone()
+    if cols.numel():
+        # dW[:, C] += dYᵀ · R_C   [N,M] @ [M,C] -> [N,C]
+        out.index_add_(1, cols, (dy.to(torch.bfloat16).t() @ r_c).float())
+    return out
+
+
+@occ_compensate_wgrad.op.register_fake
+def _(dw, dy, cols, r_c):
+    return dw.new_empty(dw.shape, dtype=torch.float32)

@@ -1,0 +1,549 @@
+"""Triton quantize kernels: absmax scale, round to an FP4/FP8 grid, store as float8.
+
+The numbers are those of :func:`fp4train.quantize.quantize` bit for bit: the scale is
+``max(amax / fmt.max, 2**-126)`` (1 for an all-zero vector) in float32, each value is divided by
+it with correctly rounded division (see below; Triton's ``/`` may be approximate) and rounded
+to nearest-even on the format grid by explicit float32 arithmetic, saturating at ±max. Only
+then is it cast to float8, which is exact: every E2M1 and E4M3 value is an ``float8_e4m3fn``
+value, every E5M2 value a ``float8_e5m2`` value. So the GPU and the Triton interpreter give the
+same bits, whatever the hardware cast's rounding. (They match the reference run on the CPU: on
+CUDA, torch computes ``amax / fmt.max`` as ``amax * (1 / fmt.max)``, an ulp off in about half
+of the scales.)
+
+Every quantization is three launches over a 2-D tensor x [M, K] (``_quantize``):
+
+1. ``_amax_partials_kernel`` reads x once, tile by tile, and writes partial amaxes: per row of
+   ``v = clamp(x * col_scale, lo, hi)`` (the row-wise operand) and per column of
+   ``x * row_scale`` (the column-wise operand) or of the clamped-off residual ``|x − v|``.
+2. ``_scales_kernel`` reduces the partials to the scales s = absmax_scale(amax) and their
+   reciprocals 1/s (a few KB).
+3. ``_quantize_tile_kernel`` reads x again and writes, from the same tile, the row-scaled q
+   [Mp, K] and/or its transpose q_t [K, Mp], and/or the column-scaled q2_t [K, Mp].
+
+So a tensor is read twice and every output written once, with no atomics and no dependence on
+L2 holding a row block between passes; a dY feeds both backward GEMMs from one such pass. The
+division v / s uses the per-row reciprocal r = 1/s (IEEE) and Markstein's correction
+``q = v·r; u = q + (v − q·s)·r`` (two FMAs), which is the correctly rounded quotient when r is
+the correctly rounded reciprocal (Markstein 1990); the tests check it against torch's division.
+
+Rows are padded to ``Mp`` (a multiple of 16, as ``torch._scaled_mm`` needs) with zeros; padded
+rows get scale 1.
+
+The public launchers are ``torch.library`` custom ops when ``torch.compile`` traces them (one
+opaque node each) and plain functions in eager mode, which skips the custom-op dispatch cost
+(~30 µs a call, more than a small kernel takes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fp4train import formats
+
+__all__ = [
+    "quantize_rows",
+    "quantize_rowwise_and_colwise",
+    "FP8_DTYPE",
+    "format_constants",
+    "padded_rows",
+    "empty_output",
+]
+
+# storage dtype of each format's grid values (E2M1 values are E4M3 values)
+FP8_DTYPE = {"e2m1": torch.float8_e4m3fn, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_ROW_PAD = 16  # torch._scaled_mm needs every dim divisible by 16
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel output (every element is written; tests poison this to check)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def padded_rows(m: int) -> int:
+    """``m`` rounded up to a multiple of 16."""
+    return -(-m // _ROW_PAD) * _ROW_PAD
+
+
+def format_constants(name: str) -> dict:
+    """The constexprs the kernels need for format ``name`` (must be in ``FP8_DTYPE``)."""
+    if name not in FP8_DTYPE:
+        raise ValueError(f"the triton kernels quantize to {sorted(FP8_DTYPE)}, not {name!r}")
+    f = formats.get(name)
+    return dict(
+        FMAX=float(f.max),
+        MBITS=f.mbits,
+        MIN_EXP=f.min_normal_exp,
+        EMAX=math.floor(math.log2(f.max)),
+    )
+
+
+# ------------------------------------------------------------------------------ custom ops
+def custom_op(name: str):
+    """Register ``fn`` as custom op ``name`` for torch.compile; call it directly in eager.
+
+    The returned wrapper has the op as ``.op`` (for ``register_fake``).
+    """
+
+    def deco(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return op(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        wrapper.op = op
+        return wrapper
+
+    return deco
+
+
+# ------------------------------------------------------------------------------ device helpers
+@triton.jit
+def _absmax_scale(amax, FMAX: tl.constexpr):
+    """float32 scale amax / FMAX (IEEE division), floored at 2**-126; 1 where amax == 0."""
+    s = tl.math.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32))
+    s = tl.maximum(s, 1.1754943508222875e-38)
+    return tl.where(amax > 0, s, 1.0)
+
+
+@triton.jit
+def div_by_scale(v, s, r):
+    """v / s correctly rounded, given r = 1/s correctly rounded (Markstein's correction)."""
+    q = v * r
+    return tl.fma(tl.fma(-q, s, v), r, q)
+
+
+@triton.jit
+def _round_to_grid(
+    u, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr
+):
+    """Round float32 ``u`` to nearest-even on the grid, saturating at ±FMAX (NaN stays NaN).
+
+    The same arithmetic as ``fp4train.formats.round_to_format``: the grid step in u's binade
+    (binades below the smallest normal share its step) is 2**(e - MBITS); u / step is exact and
+    below 2**(MBITS + 1), so adding and subtracting 2**23 rounds it to nearest-even.
+    """
+    bits = u.to(tl.int32, bitcast=True)
+    mag_bits = bits & 0x7FFFFFFF
+    mag = mag_bits.to(tl.float32, bitcast=True)
+    e = (mag_bits >> 23) - 127
+    # binades above EMAX + 1 saturate like EMAX + 1, which keeps the step's exponent in range
+    e = tl.minimum(tl.maximum(e, MIN_EXP), EMAX + 1)
+    inv_step = ((127 + MBITS - e) << 23).to(tl.float32, bitcast=True)
+    step = ((127 - MBITS + e) << 23).to(tl.float32, bitcast=True)
+    y = mag * inv_step
+    y = (y + 8388608.0) - 8388608.0
+    q = tl.minimum(y * step, FMAX)
+    out = (q.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    return tl.where(u != u, u, out)
+
+
+@triton.jit
+def _load_operand(
+    x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi,
+    HAS_COLMUL: tl.constexpr, CLAMP: tl.constexpr,
+):  # fmt: skip
+    """Tile x[rows, cols] in float32 (0 outside x) and the row-wise operand v of it."""
+    rmask = rows < M
+    cmask = cols < K
+    m2 = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0)
+    x = x.to(tl.float32)
+    v = x
+    if HAS_COLMUL:
+        v = v * tl.load(colmul_ptr + cols, mask=cmask, other=0.0)[None, :]
+    if CLAMP:
+        v = tl.where(m2, tl.minimum(tl.maximum(v, lo), hi), 0.0)
+    return x, v
+
+
+@triton.jit
+def _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP_PER_ROW: tl.constexpr):
+    if CLAMP_PER_ROW:
+        lo = tl.load(lo_ptr + rows, mask=rows < M, other=0.0)[:, None]
+        hi = tl.load(hi_ptr + rows, mask=rows < M, other=0.0)[:, None]
+    else:
+        lo = tl.load(lo_ptr)
+        hi = tl.load(hi_ptr)
+    return lo, hi
+
+
+# ------------------------------------------------------------------------------ kernels
+@triton.jit
+def _amax_partials_kernel(
+    x_ptr,  # [M, K], unit stride along K
+    stride_xm,
+    colmul_ptr,  # [K] float32: the row-wise operand is x * colmul (HAS_COLMUL)
+    rowmul_ptr,  # [M] float32: the column-wise operand is x * rowmul (COL_OPERAND)
+    lo_ptr,  # OCC clamp bounds: one float32 each, or one per row (CLAMP_PER_ROW)
+    hi_ptr,
+    rpart_ptr,  # [M, n_kt] float32: row amax of v over this program's columns (ROW_AMAX)
+    cpart_ptr,  # [n_mt, K] float32: column amax over this program's rows (COL_AMAX)
+    M,
+    K,
+    n_kt,
+    HAS_COLMUL: tl.constexpr,
+    CLAMP: tl.constexpr,
+    CLAMP_PER_ROW: tl.constexpr,
+    ROW_AMAX: tl.constexpr,
+    COL_AMAX: tl.constexpr,
+    COL_OPERAND: tl.constexpr,  # column amax of x * rowmul; else of the residual |x - v|
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SUB_M: tl.constexpr,
+    SUB_K: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    for i in tl.static_range(BLOCK_M // SUB_M):
+        rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
+        lo = 0.0
+        hi = 0.0
+        if CLAMP:
+            lo, hi = _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP_PER_ROW)
+        if COL_OPERAND:
+            rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
+        ramax = tl.zeros([SUB_M], dtype=tl.float32)
+        for j in tl.static_range(BLOCK_K // SUB_K):
+            cols = pid_k * BLOCK_K + j * SUB_K + tl.arange(0, SUB_K)
+            x, v = _load_operand(
+                x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL, CLAMP
+            )
+            if ROW_AMAX:
+                ramax = tl.maximum(ramax, tl.max(tl.abs(v), axis=1))
+            if COL_AMAX:
+                if COL_OPERAND:
+                    c = tl.max(tl.abs(x * rowmul), axis=0)
+                else:
+                    c = tl.max(tl.abs(x - v), axis=0)
+                cp = cpart_ptr + pid_m * K + cols
+                if i > 0:
+                    c = tl.maximum(c, tl.load(cp, mask=cols < K, other=0.0))
+                tl.store(cp, c, mask=cols < K)
+        if ROW_AMAX:
+            tl.store(rpart_ptr + rows.to(tl.int64) * n_kt + pid_k, ramax, mask=rows < M)
+
+
+@triton.jit
+def _scales_kernel(
+    rpart_ptr,  # [M, n_kt] float32
+    cpart_ptr,  # [n_mt, K] float32
+    s_row_ptr,  # [Mp] float32 row scales (ROW_AMAX)
+    r_row_ptr,  # [Mp] float32 their reciprocals
+    s_col_ptr,  # [K] float32 column scales (COL_SCALES)
+    r_col_ptr,  # [K] float32 their reciprocals
+    col_amax_ptr,  # [K] float32 column amax (COL_AMAX)
+    M,
+    Mp,
+    K,
+    n_kt,
+    n_mt,
+    ROW_AMAX: tl.constexpr,
+    COL_AMAX: tl.constexpr,
+    COL_SCALES: tl.constexpr,
+    FMAX_ROW: tl.constexpr,
+    FMAX_COL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PARTS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_row_progs = tl.cdiv(Mp, BLOCK) if ROW_AMAX else 0
+    if pid < n_row_progs:
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        # elementwise max across the loop, one reduction after it (a reduction inside the loop
+        # crashes Triton 3.6's thread-locality pass)
+        acc_r = tl.zeros([BLOCK, PARTS], dtype=tl.float32)
+        for p0 in range(0, n_kt, PARTS):
+            parts = p0 + tl.arange(0, PARTS)
+            m2 = (rows < M)[:, None] & (parts < n_kt)[None, :]
+            t = tl.load(rpart_ptr + rows.to(tl.int64)[:, None] * n_kt + parts[None, :], mask=m2,
+                        other=0.0)  # fmt: skip
+            acc_r = tl.maximum(acc_r, t)
+        amax = tl.max(acc_r, axis=1)
+        s = _absmax_scale(amax, FMAX_ROW)
+        tl.store(s_row_ptr + rows, s, mask=rows < Mp)
+        tl.store(r_row_ptr + rows, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s),
+                 mask=rows < Mp)  # fmt: skip
+    elif COL_AMAX:
+        cols = (pid - n_row_progs) * BLOCK + tl.arange(0, BLOCK)
+        acc_c = tl.zeros([PARTS, BLOCK], dtype=tl.float32)
+        for p0 in range(0, n_mt, PARTS):
+            parts = p0 + tl.arange(0, PARTS)
+            m2 = (parts < n_mt)[:, None] & (cols < K)[None, :]
+            t = tl.load(cpart_ptr + parts[:, None] * K + cols[None, :], mask=m2, other=0.0)
+            acc_c = tl.maximum(acc_c, t)
+        amax = tl.max(acc_c, axis=0)
+        tl.store(col_amax_ptr + cols, amax, mask=cols < K)
+        if COL_SCALES:
+            s = _absmax_scale(amax, FMAX_COL)
+            tl.store(s_col_ptr + cols, s, mask=cols < K)
+            tl.store(r_col_ptr + cols, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s),
+                     mask=cols < K)  # fmt: skip
+
+
+@triton.jit
+def _quantize_tile_kernel(
+    x_ptr,  # [M, K], unit stride along K
+    stride_xm,
+    colmul_ptr,
+    rowmul_ptr,
+    lo_ptr,
+    hi_ptr,
+    s_row_ptr,  # [Mp] row scales
+    r_row_ptr,  # [Mp] their reciprocals
+    s_col_ptr,  # [K] column scales
+    r_col_ptr,  # [K] their reciprocals
+    q_ptr,  # [Mp, K] row-scaled (STORE_Q)
+    qt_ptr,  # [K, Mp] row-scaled, transposed (STORE_QT)
+    q2t_ptr,  # [K, Mp] column-scaled x * rowmul, transposed (STORE_COL)
+    M,
+    Mp,
+    K,
+    HAS_COLMUL: tl.constexpr,
+    CLAMP: tl.constexpr,
+    CLAMP_PER_ROW: tl.constexpr,
+    STORE_Q: tl.constexpr,
+    STORE_QT: tl.constexpr,
+    STORE_COL: tl.constexpr,
+    FMAX: tl.constexpr,
+    MBITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    EMAX: tl.constexpr,
+    FMAX2: tl.constexpr,
+    MBITS2: tl.constexpr,
+    MIN_EXP2: tl.constexpr,
+    EMAX2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    lo = 0.0
+    hi = 0.0
+    if CLAMP:
+        lo, hi = _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP_PER_ROW)
+    x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL, CLAMP)
+    omask = (rows < Mp)[:, None] & (cols < K)[None, :]
+    offs_t = cols.to(tl.int64)[None, :] * Mp + rows[:, None]
+    if STORE_Q or STORE_QT:
+        s = tl.load(s_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
+        r = tl.load(r_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
+        q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX)
+        if STORE_Q:
+            tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                     q.to(q_ptr.dtype.element_ty), mask=omask)  # fmt: skip
+        if STORE_QT:
+            tl.store(qt_ptr + offs_t, q.to(qt_ptr.dtype.element_ty), mask=omask)
+    if STORE_COL:
+        rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
+        s2 = tl.load(s_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
+        r2 = tl.load(r_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
+        q2 = _round_to_grid(div_by_scale(x * rowmul, s2, r2), MBITS2, MIN_EXP2, EMAX2, FMAX2)
+        tl.store(q2t_ptr + offs_t, q2.to(q2t_ptr.dtype.element_ty), mask=omask)
+
+
+# ------------------------------------------------------------------------------ launchers
+# tuned on one H200 (benchmarks/NOTES.md); the interpreter ignores warps
+AMAX_CONFIG = dict(BLOCK_M=128, BLOCK_K=256, SUB_M=32, SUB_K=128, num_warps=8)
+TILE_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4)
+
+
+def _check_2d(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D floating-point tensor, got {_describe(x)}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride along its last dim, got {x.stride()}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _vec(t: torch.Tensor | None, n: int, name: str) -> torch.Tensor | None:
+    """``t`` as a contiguous float32 vector of ``n`` elements (or one element when n == 1)."""
+    if t is None:
+        return None
+    t = t.reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"{name} must hold {n} values, got shape {tuple(t.shape)}")
+    return t.float().contiguous()
+
+
+def _quantize(
+    x: torch.Tensor,
+    row_fmt: str | None,
+    col_fmt: str | None,
+    col_scale: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    lo: torch.Tensor | None,
+    hi: torch.Tensor | None,
+    store_q: bool,
+    store_qt: bool,
+):
+    """The three launches; returns (q, s_row [Mp], q_t, q2_t, s_col [K], col_amax [K])."""
+    _check_2d(x, "x")
+    m, k = x.shape
+    mp = padded_rows(m)
+    dev = x.device
+    rows = row_fmt is not None and (store_q or store_qt)
+    cols = col_fmt is not None
+    clamp = lo is not None or hi is not None
+    if clamp and (lo is None or hi is None):
+        raise ValueError("clamping needs both lo and hi, got only one")
+    if clamp and cols:
+        raise ValueError("the column-wise operand cannot be clamped")
+    per_row = clamp and lo.numel() != 1
+    lo = _vec(lo, m if per_row else 1, "lo")
+    hi = _vec(hi, m if per_row else 1, "hi")
+    col_scale = _vec(col_scale, k, "col_scale")
+    row_scale = _vec(row_scale, m, "row_scale") if cols else None
+    if cols and row_scale is None:
+        raise ValueError("the column-wise operand needs row_scale")
+    c1 = format_constants(row_fmt) if row_fmt is not None else format_constants("e4m3")
+    c2 = format_constants(col_fmt) if cols else c1
+    fp8 = FP8_DTYPE[row_fmt] if row_fmt is not None else torch.float8_e4m3fn
+    q = empty_output((mp, k) if rows and store_q else (0,), fp8, dev)
+    q_t = empty_output((k, mp) if rows and store_qt else (0,), fp8, dev)
+    q2_t = empty_output((k, mp) if cols else (0,), FP8_DTYPE[col_fmt] if cols else fp8, dev)
+    s_row = empty_output(mp if rows else 0, torch.float32, dev)
+    s_col = empty_output(k if cols else 0, torch.float32, dev)
+    r_row = torch.empty(mp if rows else 0, dtype=torch.float32, device=dev)
+    r_col = torch.empty(k if cols else 0, dtype=torch.float32, device=dev)
+    col_amax = empty_output(k if cols or clamp else 0, torch.float32, dev)
+    if m == 0 or k == 0:
+        s_row.fill_(1.0)
+        s_col.fill_(1.0)
+        col_amax.zero_()
+        q.zero_()
+        q_t.zero_()
+        q2_t.zero_()
+        return q, s_row, q_t, q2_t, s_col, col_amax
+    a = AMAX_CONFIG
+    n_kt, n_mt = triton.cdiv(k, a["BLOCK_K"]), triton.cdiv(m, a["BLOCK_M"])
+    rpart = torch.empty((m, n_kt) if rows else (1,), dtype=torch.float32, device=dev)
+    cpart = torch.empty((n_mt, k) if cols or clamp else (1,), dtype=torch.float32, device=dev)
+    dummy = rpart
+    flags = dict(HAS_COLMUL=col_scale is not None, CLAMP=clamp)
+    _amax_partials_kernel[(n_kt, n_mt)](
+        x, x.stride(0), col_scale if col_scale is not None else dummy,
+        row_scale if cols else dummy, lo if clamp else dummy, hi if clamp else dummy,
+        rpart, cpart, m, k, n_kt, CLAMP_PER_ROW=per_row, ROW_AMAX=rows,
+        COL_AMAX=cols or clamp, COL_OPERAND=cols, **flags, **a,
+    )  # fmt: skip
+    block = 256
+    n_progs = (triton.cdiv(mp, block) if rows else 0) + (
+        triton.cdiv(k, block) if cols or clamp else 0
+    )
+    _scales_kernel[(n_progs,)](
+        rpart, cpart, s_row if rows else dummy, r_row if rows else dummy,
+        s_col if cols else dummy, r_col if cols else dummy,
+        col_amax if cols or clamp else dummy, m, mp, k, n_kt, n_mt, ROW_AMAX=rows,
+        COL_AMAX=cols or clamp, COL_SCALES=cols, FMAX_ROW=c1["FMAX"], FMAX_COL=c2["FMAX"],
+        BLOCK=block, PARTS=16, num_warps=4,
+    )  # fmt: skip
+    if rows or cols:
+        t = TILE_CONFIG
+        grid = (triton.cdiv(k, t["BLOCK_K"]), triton.cdiv(mp, t["BLOCK_M"]))
+        dummy8 = torch.empty(1, dtype=fp8, device=dev)
+        _quantize_tile_kernel[grid](
+            x, x.stride(0), col_scale if col_scale is not None else dummy,
+            row_scale if cols else dummy, lo if clamp else dummy, hi if clamp else dummy,
+            s_row if rows else dummy, r_row if rows else dummy, s_col if cols else dummy,
+            r_col if cols else dummy, q if rows and store_q else dummy8,
+            q_t if rows and store_qt else dummy8, q2_t if cols else dummy8, m, mp, k,
+            CLAMP_PER_ROW=per_row, STORE_Q=rows and store_q, STORE_QT=rows and store_qt,
+            STORE_COL=cols, **flags, **c1, FMAX2=c2["FMAX"], MBITS2=c2["MBITS"],
+            MIN_EXP2=c2["MIN_EXP"], EMAX2=c2["EMAX"], **t,
+        )  # fmt: skip
+    return q, s_row, q_t, q2_t, s_col, col_amax
+
+
+@custom_op("fp4train::quantize_rows")
+def quantize_rows(
+    x: torch.Tensor,
+    fmt: str,
+    col_scale: torch.Tensor | None = None,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+    store_q: bool = True,
+    store_qt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize each row of ``x`` [M, K] to ``fmt``: ``(q, scale, q_t, resid_col_amax)``.
+
+    The quantized tensor is ``v = x.float() * col_scale`` (if given; [K]) clamped to
+    ``[lo, hi]`` (if given; one value each, or [M] per row), one absmax scale per row:
+    q [Mp, K] in ``FP8_DTYPE[fmt]`` (``store_q``), scale [Mp] float32, q_t = qᵀ [K, Mp]
+    (``store_qt``), with Mp = M rounded up to 16 (zero rows, scale 1). Absent outputs are empty.
+    When clamping, ``resid_col_amax`` [K] is the per-column amax of the residual
+    |x − clamp(x)| (nonzero marks a column holding an outlier), else empty.
+    """
+    if fmt not in FP8_DTYPE:
+        raise ValueError(f"the triton kernels quantize to {sorted(FP8_DTYPE)}, not {fmt!r}")
+    q, s, q_t, _, _, col_amax = _quantize(x, fmt, None, col_scale, None, lo, hi, store_q,
+                                          store_qt)  # fmt: skip
+    return q, s, q_t, col_amax
+
+
+@quantize_rows.op.register_fake
+def _(x, fmt, col_scale=None, lo=None, hi=None, store_q=True, store_qt=False):
+    m, k = x.shape
+    mp = padded_rows(m)
+    fp8 = FP8_DTYPE[fmt]
+    return (
+        x.new_empty((mp, k) if store_q else (0,), dtype=fp8),
+        x.new_empty(mp, dtype=torch.float32),
+        x.new_empty((k, mp) if store_qt else (0,), dtype=fp8),
+        x.new_empty(k if lo is not None else 0, dtype=torch.float32),
+    )
+
+
+@custom_op("fp4train::quantize_rowwise_and_colwise")
+def quantize_rowwise_and_colwise(
+    x: torch.Tensor,
+    row_fmt: str,
+    col_fmt: str,
+    col_scale: torch.Tensor | None,
+    row_scale: torch.Tensor,
+    need_row: bool = True,
+    need_col: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both backward operands of dY [M, N] from one pass: ``(q_row, s_row, q_col_t, s_col)``.
+
+    Row-wise: ``x.float() * col_scale`` ([N]; dgrad folds W's scale into dY's columns), one
+    scale per row -> q_row [Mp, N] in ``FP8_DTYPE[row_fmt]``, s_row [Mp]. Column-wise:
+    ``x.float() * row_scale[:, None]`` ([M]; wgrad folds X's scale into dY's rows), one scale
+    per column -> q_col_t [N, Mp] (transposed) in ``FP8_DTYPE[col_fmt]``, s_col [N]. Mp is M
+    rounded up to 16 (zero rows). ``need_row`` / ``need_col`` False leave that pair empty.
+    """
+    for f in (row_fmt, col_fmt):
+        if f not in FP8_DTYPE:
+            raise ValueError(f"the triton kernels quantize to {sorted(FP8_DTYPE)}, not {f!r}")
+    q, s_row, _, q2_t, s_col, _ = _quantize(
+        x, row_fmt if need_row else None, col_fmt if need_col else None, col_scale,
+        row_scale if need_col else None, None, None, True, False,
+    )  # fmt: skip
+    # absent outputs keep their format's dtype, as the fake implementation says
+    return q.view(FP8_DTYPE[row_fmt]), s_row, q2_t.view(FP8_DTYPE[col_fmt]), s_col
+
+
+@quantize_rowwise_and_colwise.op.register_fake
+def _(x, row_fmt, col_fmt, col_scale, row_scale, need_row=True, need_col=True):
+    m, n = x.shape
+    mp = padded_rows(m)
+    return (
+        x.new_empty((mp, n) if need_row else (0,), dtype=FP8_DTYPE[row_fmt]),
+        x.new_empty(mp if need_row else 0, dtype=torch.float32),
+        x.new_empty((n, mp) if need_col else (0,), dtype=FP8_DTYPE[col_fmt]),
+        x.new_empty(n if need_col else 0, dtype=torch.float32),
+    )

@@ -1,0 +1,212 @@
+"""GPU tests of the triton backend (``pytest -m gpu``): kernels bit for bit against their
+plain-PyTorch twins on fresh random data, FP4Linear triton vs reference per preset, and
+torch.compile of a model with FP4Linear layers. Skipped without a CUDA GPU with FP8 (sm_89+).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from fp4train import kernels  # noqa: E402
+
+if not kernels.triton_available():
+    pytest.skip("needs triton and an FP8-capable GPU (sm_89+)", allow_module_level=True)
+
+import torch.nn as nn  # noqa: E402
+
+from fp4train.kernels import dge as kdge  # noqa: E402
+from fp4train.kernels import occ as kocc  # noqa: E402
+from fp4train.kernels import quantize as kq  # noqa: E402
+from fp4train.kernels import reference as ref  # noqa: E402
+from fp4train.kernels.linear import scaled_mm_rowwise  # noqa: E402
+from fp4train.linear import FP4Linear  # noqa: E402
+from fp4train.recipe import Recipe  # noqa: E402
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Fill every kernel output with 0xFF bytes (NaN in float32, e4m3fn and e5m2) first."""
+
+    def empty_poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        t.view(torch.uint8).fill_(0xFF)
+        return t
+
+    monkeypatch.setattr(kq, "empty_output", empty_poisoned)
+
+
+@pytest.fixture
+def gen():
+    """(a fresh CUDA generator, its seed for failure messages)."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    return torch.Generator(device="cuda").manual_seed(seed), seed
+
+
+def _wide(m, k, gen, dtype=torch.bfloat16):
+    """Random values spanning ~12 binades per row, some zero rows, some exact ties."""
+    x = torch.randn(m, k, device="cuda", generator=gen)
+    x = x * torch.exp2(torch.randint(-6, 6, (m, k), device="cuda", generator=gen).float())
+    x[:: max(m // 5, 1)] = 0.0
+    x[1, :4] = torch.tensor([0.25, 0.75, 1.25, 5.0])  # ties of E2M1 once scaled by a max of 6
+    x[1, 4] = 6.0
+    return x.to(dtype)
+
+
+def _twin(fn, *args, **kwargs):
+    """Run a reference twin on the CPU, where torch's division is IEEE (on CUDA, tensor / scalar
+    multiplies by the rounded reciprocal, so ``absmax_scale`` differs there by an ulp)."""
+
+    def cpu(a):
+        return a.cpu() if isinstance(a, torch.Tensor) else a
+
+    out = fn(*map(cpu, args), **{k: cpu(v) for k, v in kwargs.items()})
+    return tuple(o.cuda() for o in out)
+
+
+def _assert_same(got, want, what, seed):
+    assert got.shape == want.shape and got.dtype == want.dtype, (
+        f"{what}: {got.dtype}{tuple(got.shape)} vs {want.dtype}{tuple(want.shape)}"
+    )
+    if got.dtype in FP8:  # compare bits
+        got, want = got.view(torch.uint8), want.view(torch.uint8)
+    bad = int((got != want).sum())
+    assert bad == 0, f"{what}: {bad} of {got.numel()} elements differ (seed {seed})"
+
+
+@pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
+@pytest.mark.parametrize("shape", [(1000, 1040), (64, 11008)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_rows_bit_exact(fmt, shape, dtype, gen):
+    g, seed = gen
+    x = _wide(*shape, g, dtype)
+    got = kq.quantize_rows(x, fmt, store_q=True, store_qt=True)
+    want = _twin(ref.quantize_rows, x, fmt, store_q=True, store_qt=True)
+    for name, a, b in zip(("q", "scale", "q_t"), got[:3], want[:3], strict=True):
+        _assert_same(a, b, f"{fmt} {name}", seed)
+
+
+def test_quantize_dy_both_operands_bit_exact(gen):
+    g, seed = gen
+    dy = _wide(777, 2064, g)
+    s_w = torch.rand(2064, device="cuda", generator=g) + 0.01
+    s_x = torch.rand(777, device="cuda", generator=g) * 3
+    got = kq.quantize_rowwise_and_colwise(dy, "e5m2", "e5m2", s_w, s_x)
+    want = _twin(ref.quantize_rowwise_and_colwise, dy, "e5m2", "e5m2", s_w, s_x)
+    for name, a, b in zip(("q_row", "s_row", "q_col_t", "s_col"), got, want, strict=True):
+        _assert_same(a, b, f"dY {name}", seed)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_occ_thresholds_and_clamp_bit_exact(granularity, gen):
+    g, seed = gen
+    # 2048 x 4096 > 2**22 elements: the tensor-wide threshold comes from the strided sample
+    x = torch.randn(2048, 4096, device="cuda", generator=g)
+    x[:, :40] *= 30  # outlier channels
+    x = x.bfloat16()
+    lo, hi = kocc.occ_thresholds(x, 0.99, granularity)
+    lo_r, hi_r = _twin(ref.occ_thresholds, x, 0.99, granularity)
+    assert torch.equal(lo, lo_r) and torch.equal(hi, hi_r), f"seed {seed}"
+    got = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True)
+    want = _twin(ref.quantize_rows, x, "e2m1", lo=lo_r, hi=hi_r, store_qt=True)
+    for name, a, b in zip(("q", "scale", "q_t", "resid_col_amax"), got, want, strict=True):
+        _assert_same(a, b, f"clamped X {name}", seed)
+
+
+def test_dge_weight_grad_matches_reference(gen):
+    g, seed = gen
+    w = torch.randn(512, 1024, device="cuda", generator=g) * 0.02
+    _, s_w, _, _ = kq.quantize_rows(w, "e2m1")
+    dw = torch.randn(512, 1024, device="cuda", generator=g).bfloat16()
+    got = kdge.dge_weight_grad(dw, w, s_w, "e2m1", 5.0, 3.0)
+    (want,) = _twin(lambda *a: (ref.dge_weight_grad(*a),), dw, w, s_w, "e2m1", 5.0, 3.0)
+    assert not torch.isnan(got).any()
+    err = ((got - want).abs() / want.abs().clamp_min(1e-30)).max().item()
+    assert err < 1e-5, f"max relative error {err:.2e} (seed {seed})"
+
+
+def test_scaled_mm_rowwise_takes_e5m2_times_e4m3(gen):
+    g, seed = gen
+    a = (torch.randn(64, 128, device="cuda", generator=g) * 100).to(torch.float8_e5m2)
+    b = torch.randn(32, 128, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    sa = torch.rand(64, device="cuda", generator=g)
+    sb = torch.rand(32, device="cuda", generator=g)
+    got = scaled_mm_rowwise(a, b, sa, sb).float()
+    want = (a.float() * sa[:, None]) @ (b.float() * sb[:, None]).t()
+    assert ((got - want).norm() / want.norm()).item() < 4e-3
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("preset", ["fp8", "fp4-direct", "fp4-dge", "fp4-occ", "fp4-paper"])
+@pytest.mark.parametrize("occ_granularity", ["tensor", "row"])
+def test_fp4linear_triton_matches_reference(preset, occ_granularity, gen):
+    g, seed = gen
+    recipe = Recipe.preset(preset)
+    if recipe.occ is None and occ_granularity == "row":
+        pytest.skip("no OCC in this preset")
+    if recipe.occ is not None:
+        recipe = recipe.replace(**{"occ.granularity": occ_granularity})
+    x = torch.randn(3, 333, 512, device="cuda", generator=g)
+    x[..., :8] *= 25
+    x = x.bfloat16()
+    dy = torch.randn(3, 333, 768, device="cuda", generator=g).bfloat16()
+    out = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        layer = FP4Linear(512, 768, device="cuda", recipe=recipe.replace(backend=backend))
+        xb = x.clone().requires_grad_()
+        y = layer(xb)
+        y.backward(dy)
+        out[backend] = (y, xb.grad, layer.weight.grad, layer.bias.grad)
+    # the quantized operands are bit-identical; the GEMMs differ in accumulation order and
+    # in rounding their output to bf16 (2**-9), the OCC compensation in bf16 operands
+    for name, t, r in zip(("y", "dx", "dw", "db"), out["triton"], out["reference"], strict=True):
+        assert t.dtype == r.dtype and t.shape == r.shape
+        err = _rel(t, r)
+        assert err < 6e-3, f"{preset}: {name} relative error {err:.2e} (seed {seed})"
+
+
+def test_triton_backend_rejects_what_it_cannot_run():
+    recipe = Recipe.preset("fp4-paper").replace(rounding="stochastic", backend="triton")
+    layer = FP4Linear(64, 64, device="cuda", recipe=recipe)
+    with pytest.raises(RuntimeError, match="stochastic"):
+        layer(torch.randn(4, 64, device="cuda"))
+    assert kernels.check_supported(Recipe.preset("fp4-paper"), 64, 40) is not None
+
+
+@pytest.mark.parametrize("preset", ["fp4-dge", "fp4-paper"])
+def test_torch_compile_without_graph_breaks(preset, gen):
+    import torch._dynamo
+
+    g, seed = gen
+    torch._dynamo.reset()
+    recipe = Recipe.preset(preset).replace(backend="triton")
+    torch.manual_seed(0)
+    # no elementwise op between the layers: inductor would fuse it without eager's bf16 rounding,
+    # and FP4 quantization turns such last-bit differences into ~1% flips of grid values
+    model = nn.Sequential(
+        FP4Linear(256, 512, bias=False, device="cuda", recipe=recipe),
+        FP4Linear(512, 256, bias=False, device="cuda", recipe=recipe),
+    )
+    x = torch.randn(4, 64, 256, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(4, 64, 256, device="cuda", generator=g).bfloat16()
+    eager_y = model(x)
+    eager_y.backward(dy)
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break raises
+    y = compiled(x)
+    y.backward(dy)
+    assert _rel(y, eager_y) < 1e-6, f"seed {seed}"
+    for p, g_eager in zip(model.parameters(), eager_grads, strict=True):
+        assert _rel(p.grad, g_eager) < 1e-6, f"seed {seed}"

@@ -1,0 +1,267 @@
+"""The Triton kernels under the interpreter (TRITON_INTERPRET=1) on small CPU tensors, against
+their plain-PyTorch twins (``fp4train.kernels.reference``): bit for bit, outputs poisoned.
+
+TRITON_INTERPRET must be set before triton is imported, so the checks run in one child
+process (this file run as a script) and each test reads its result; the pytest process
+itself never imports triton in interpreter mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+CHECKS = [
+    "quantize_rows_e2m1",
+    "quantize_rows_e4m3",
+    "quantize_rows_e5m2",
+    "quantize_rows_fp32_input",
+    "quantize_dy_both_operands",
+    "occ_thresholds_tensor",
+    "occ_thresholds_row",
+    "occ_thresholds_sampled",
+    "clamp_and_residual_columns",
+    "dge_weight_grad",
+    "linear_matches_reference",
+    "rejects_bad_input",
+]
+
+
+# ------------------------------------------------------------------------------ parent side
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    seed = int(torch.randint(0, 2**31, ()).item())
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, str(seed)], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreter child failed (seed {seed}):\n{proc.stdout}\n{proc.stderr}")
+    results = json.loads(lines[-1])
+    results["_seed"] = seed
+    return results
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_interpreted(interpreted, name):
+    ok, msg = interpreted[name]
+    assert ok, f"{name} (seed {interpreted['_seed']}): {msg}"
+
+
+# ------------------------------------------------------------------------------ child side
+def _poison_outputs():
+    from fp4train.kernels import quantize as kq
+
+    def empty_poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        t.view(torch.uint8).fill_(0xFF)  # NaN in float32, float8_e4m3fn and float8_e5m2
+        return t
+
+    kq.empty_output = empty_poisoned
+
+
+def _same(got, want, what):
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise AssertionError(
+            f"{what}: {got.dtype}{tuple(got.shape)} vs {want.dtype}{tuple(want.shape)}"
+        )
+    if got.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        got, want = got.view(torch.uint8), want.view(torch.uint8)
+    n = int((got != want).sum())
+    if n:
+        raise AssertionError(f"{what}: {n} of {got.numel()} elements differ")
+
+
+def _wide(m, k, g, dtype=torch.bfloat16):
+    """Values over ~12 binades, a zero row, exact E2M1 ties once scaled by a row max of 6."""
+    x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-6, 6, (m, k), generator=g))
+    x[2] = 0.0
+    x[1, :5] = torch.tensor([0.25, 0.75, 1.25, 5.0, 6.0])
+    return x.to(dtype)
+
+
+def _check_rows(fmt, g, dtype=torch.bfloat16):
+    from fp4train.kernels import quantize as kq
+    from fp4train.kernels import reference as ref
+
+    x = _wide(37, 200, g, dtype)  # 37 rows: padded to 48; 200 cols: a partial block
+    got = kq.quantize_rows(x, fmt, store_q=True, store_qt=True)
+    want = ref.quantize_rows(x, fmt, store_q=True, store_qt=True)
+    for name, a, b in zip(("q", "scale", "q_t"), got[:3], want[:3], strict=True):
+        _same(a, b, name)
+
+
+def check_quantize_rows_e2m1(g):
+    _check_rows("e2m1", g)
+
+
+def check_quantize_rows_e4m3(g):
+    _check_rows("e4m3", g)
+
+
+def check_quantize_rows_e5m2(g):
+    _check_rows("e5m2", g)
+
+
+def check_quantize_rows_fp32_input(g):
+    _check_rows("e2m1", g, torch.float32)
+
+
+def check_quantize_dy_both_operands(g):
+    from fp4train.kernels import quantize as kq
+    from fp4train.kernels import reference as ref
+
+    dy = _wide(50, 160, g)
+    s_w = torch.rand(160, generator=g) + 0.01
+    s_x = torch.rand(50, generator=g) * 3
+    for need_row, need_col in ((True, True), (True, False), (False, True)):
+        got = kq.quantize_rowwise_and_colwise(dy, "e5m2", "e4m3", s_w, s_x, need_row, need_col)
+        want = ref.quantize_rowwise_and_colwise(dy, "e5m2", "e4m3", s_w, s_x, need_row, need_col)
+        names = ("q_row", "s_row", "q_col_t", "s_col")
+        for name, a, b in zip(names, got, want, strict=True):
+            _same(a, b, f"dY {name} (need_row={need_row}, need_col={need_col})")
+
+
+def _check_thresholds(g, granularity, **kw):
+    from fp4train.kernels import occ as kocc
+    from fp4train.kernels import reference as ref
+
+    x = torch.randn(40, 96, generator=g)
+    x[:, :3] *= 20
+    x = x.bfloat16()
+    for alpha in (0.99, 0.9, 0.6):
+        lo, hi = kocc.occ_thresholds(x, alpha, granularity, **kw)
+        lo_r, hi_r = ref.occ_thresholds(x, alpha, granularity, **kw)
+        if not (torch.equal(lo, lo_r) and torch.equal(hi, hi_r)):
+            raise AssertionError(f"alpha {alpha}: ({lo}, {hi}) vs ({lo_r}, {hi_r})")
+
+
+def check_occ_thresholds_tensor(g):
+    _check_thresholds(g, "tensor")
+
+
+def check_occ_thresholds_row(g):
+    _check_thresholds(g, "row")
+
+
+def check_occ_thresholds_sampled(g):
+    _check_thresholds(g, "tensor", exact_max_numel=1000, sample_size=300)
+
+
+def check_clamp_and_residual_columns(g):
+    from fp4train.kernels import occ as kocc
+    from fp4train.kernels import quantize as kq
+    from fp4train.kernels import reference as ref
+
+    x = torch.randn(40, 96, generator=g)
+    x[:, 5] *= 30
+    x = x.bfloat16()
+    w = torch.randn(32, 96, generator=g)
+    for granularity in ("tensor", "row"):
+        lo, hi = kocc.occ_thresholds(x, 0.99, granularity)
+        got = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True)
+        want = ref.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True)
+        for name, a, b in zip(("q", "scale", "q_t", "resid_col_amax"), got, want, strict=True):
+            _same(a, b, f"{granularity} clamped X {name}")
+        y = torch.zeros(40, 32, dtype=torch.bfloat16)
+        y_c, cols, r_c = kocc.occ_compensate(y, x, lo, hi, got[3], w)
+        r = x.float() - torch.clamp(x.float(), lo.reshape(-1, 1), hi.reshape(-1, 1))
+        if not torch.equal(cols, r.abs().amax(0).nonzero().squeeze(1)):
+            raise AssertionError(f"{granularity}: outlier columns {cols.tolist()}")
+        if not torch.equal(r_c, r[:, cols].bfloat16()):
+            raise AssertionError(f"{granularity}: residual values differ")
+        err = (y_c.float() - r @ w.t()).norm() / (r @ w.t()).norm()
+        if not err < 1e-2:
+            raise AssertionError(f"{granularity}: compensation relative error {err:.2e}")
+
+
+def check_dge_weight_grad(g):
+    from fp4train.kernels import dge as kdge
+    from fp4train.kernels import quantize as kq
+    from fp4train.kernels import reference as ref
+
+    w = torch.randn(24, 200, generator=g) * 0.02
+    _, s_w, _, _ = kq.quantize_rows(w, "e2m1")
+    s_w = s_w[:24]
+    dw = torch.randn(24, 200, generator=g).bfloat16()
+    got = kdge.dge_weight_grad(dw, w, s_w, "e2m1", 5.0, 3.0)
+    want = ref.dge_weight_grad(dw, w, s_w, "e2m1", 5.0, 3.0)
+    err = ((got - want).abs() / want.abs().clamp_min(1e-30)).max().item()
+    if not err < 1e-5:
+        raise AssertionError(f"max relative error {err:.2e}")
+
+
+def check_linear_matches_reference(g):
+    from fp4train import kernels
+    from fp4train.linear import reference_backward, reference_forward
+    from fp4train.recipe import Recipe
+
+    x = torch.randn(50, 64, generator=g)
+    x[:, :2] *= 20
+    x = x.bfloat16()
+    w = torch.randn(48, 64, generator=g) * 0.05
+    dy = torch.randn(50, 48, generator=g).bfloat16()
+    for name in ("fp8", "fp4-direct", "fp4-dge", "fp4-paper"):
+        recipe = Recipe.preset(name)
+        y, saved = kernels.linear_forward(x, w, recipe)
+        dx, dw = kernels.linear_backward(saved, dy, w, recipe, True, True)
+        y_r, saved_r = reference_forward(x, w, recipe)
+        dx_r, dw_r = reference_backward(saved_r, dy, w, recipe, True, True)
+        for what, a, b in (("y", y, y_r), ("dx", dx, dx_r), ("dw", dw, dw_r)):
+            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            # same quantized operands; outputs rounded to bf16 (2**-9) once more
+            if not err < 5e-3:
+                raise AssertionError(f"{name} {what}: relative error {err:.2e}")
+
+
+def check_rejects_bad_input(g):
+    from fp4train import kernels
+    from fp4train.kernels import quantize as kq
+    from fp4train.recipe import Recipe
+
+    def raises(fn, exc, text):
+        try:
+            fn()
+        except exc as e:
+            if text not in str(e):
+                raise AssertionError(f"message {e!r} lacks {text!r}") from e
+            return
+        raise AssertionError(f"no {exc.__name__} ({text})")
+
+    x = torch.randn(8, 32)
+    raises(lambda: kq.quantize_rows(x, "e3m2"), ValueError, "e3m2")
+    raises(lambda: kq.quantize_rows(x.t(), "e2m1"), ValueError, "unit stride")
+    raises(lambda: kq.quantize_rows(x, "e2m1", col_scale=torch.ones(31)), ValueError, "32")
+    stochastic = Recipe.preset("fp4-dge").replace(rounding="stochastic")
+    raises(
+        lambda: kernels.linear_forward(x, torch.randn(16, 32), stochastic),
+        NotImplementedError,
+        "backend='reference'",
+    )
+    if kernels.check_supported(Recipe.preset("fp4-dge"), 32, 24) is None:
+        raise AssertionError("out_features 24 is not divisible by 16 but was accepted")
+
+
+def _child_main(seed: int) -> None:
+    _poison_outputs()
+    results = {}
+    for name in CHECKS:
+        g = torch.Generator().manual_seed(seed)
+        try:
+            globals()[f"check_{name}"](g)
+            results[name] = (True, "")
+        except Exception as e:  # reported to the parent test, which fails with it
+            results[name] = (False, f"{e!r}\n{traceback.format_exc()[-1500:]}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]))
