@@ -1,0 +1,258 @@
+"""Multi-GPU training on PyTorch's own engines: torchrun, DDP, FSDP2, FP8 gradient all-reduce.
+
+Launch one process per GPU with ``torchrun``; :func:`init_from_env` reads its environment::
+
+    # one node, 8 GPUs
+    torchrun --standalone --nproc-per-node 8 -m fp4train train ...
+    # two nodes: run on each node; HOST:29500 is reachable from both (e.g. node 0)
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 --rdzv-id JOB_ID -m fp4train train ...
+
+Without torchrun everything runs as a single process (rank 0 of 1).
+
+:func:`wrap_model` applies data parallelism: DDP (optionally with :func:`fp8_allreduce_hook`,
+the paper's FP8 gradient all-reduce from MS-AMP) or FSDP2 ``fully_shard`` per transformer
+block, then the root (torchtitan's order).
+
+FP8 all-reduce. Per DDP bucket of gradients the ranks agree on one scale: all-reduce MAX of
+the bucket's amax, ``s = amax / fmt.max``. Each rank sends ``round(g / s)`` as FP8 (E5M2 by
+default, the gradient format; E4M3 optional), and the result is ``s / world_size`` times the
+sum. Two ways to sum (``FP8CommState.reduce``):
+
+- ``"gather"`` (default): all-gather the FP8 bytes (as uint8) and sum in float32 locally.
+  Works on every backend (gloo cannot reduce float8) and adds no rounding beyond each rank's
+  one quantization, but each rank receives (world_size - 1) n bytes for n gradients, against
+  8 (world_size - 1) / world_size n for a float32 ring all-reduce: fewer up to 8 ranks only.
+- ``"allreduce"``: NCCL sums the FP8 values itself (NCCL >= 2.24 and a PyTorch that maps
+  float8 to NCCL's FP8 types; torch 2.11 with NCCL 2.28 does). The scale then also divides
+  by world_size so the sum cannot overflow, and partial sums are rounded to FP8 along the
+  ring: more error (relative L2 error on 2 ranks, E5M2: 0.061 vs 0.053 gathered).
+
+Measured on 2 H200s (NVLink), one 25 MB float32 bucket: plain all-reduce 0.13 ms, bf16
+compression 0.27 ms, FP8 gather 1.48 ms, FP8 all-reduce 0.89 ms. Quantizing costs more than
+the bytes save on NVLink; FP8 communication can only pay off on slower links (across nodes,
+not measured here).
+
+``NCCL_NVLS_ENABLE=0`` is set (if unset) when this module is imported: NVLink multicast
+(NVLS) must stay off on our GPU machines. Keep it off when launching by hand as well.
+"""
+
+# no `from __future__ import annotations`: DDP checks the hook's annotations as objects
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from fp4train.formats import get, round_to_format
+from fp4train.quantize import absmax_scale
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # read by NCCL when a communicator starts
+
+__all__ = [
+    "init_from_env",
+    "is_main",
+    "barrier",
+    "cleanup",
+    "FP8CommState",
+    "fp8_allreduce_hook",
+    "wrap_model",
+    "PARALLEL_MODES",
+]
+
+PARALLEL_MODES = ("ddp", "fsdp", "none")
+_FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_REDUCE_MODES = ("gather", "allreduce")
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_from_env() -> tuple[int, int, int, torch.device]:
+    """Join the process group torchrun describes; returns (rank, world_size, local_rank, device).
+
+    Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) this initializes
+    ``torch.distributed`` with NCCL on CUDA (one GPU per local rank, made current) or gloo on
+    CPU; a process group that is already initialized is reused. Otherwise it returns
+    ``(0, 1, 0, device)`` for a single process, device being the current GPU or the CPU.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0, _default_device()
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as e:
+        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {e}") from None
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are "
+                "visible: --nproc-per-node must not exceed the number of GPUs"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return rank, world, local_rank, device
+
+
+def is_main() -> bool:
+    """True on rank 0, or when not distributed: the process that logs and writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the process group, if any (call once at the end of training)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass
+class FP8CommState:
+    """Settings of :func:`fp8_allreduce_hook`; see the module docstring.
+
+    Args:
+        fmt: ``"e5m2"`` (default, the paper's gradient format) or ``"e4m3"``.
+        reduce: ``"gather"`` (all-gather FP8 bytes, float32 sum; any backend) or
+            ``"allreduce"`` (FP8 sum inside NCCL; needs NCCL FP8 support).
+        process_group: the group to reduce over; None is the default (world) group.
+    """
+
+    fmt: str = "e5m2"
+    reduce: str = "gather"
+    process_group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        if self.fmt not in _FP8_DTYPES:
+            raise ValueError(f"fmt must be one of {tuple(_FP8_DTYPES)}, got {self.fmt!r}")
+        if self.reduce not in _REDUCE_MODES:
+            raise ValueError(f"reduce must be one of {_REDUCE_MODES}, got {self.reduce!r}")
+
+
+def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
+    # torch 2.13 renamed all_gather_into_tensor (2.11) to all_gather_single
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, inp, group=group, async_op=async_op)
+
+
+def fp8_allreduce_hook(
+    state: FP8CommState | None, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: average gradients across ranks, communicated in FP8.
+
+    Register with ``ddp_model.register_comm_hook(FP8CommState(), fp8_allreduce_hook)``.
+    Each rank quantizes its bucket with the shared scale (exact rounding by
+    ``fp4train.formats.round_to_format``, ties to even); the averaged result differs from a
+    plain all-reduce mean by at most half an FP8 ulp of each rank's value, averaged. A NaN or
+    Inf gradient anywhere in the bucket makes the whole averaged bucket NaN, so overflow
+    checks still see it.
+    """
+    state = state if state is not None else FP8CommState()
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    if state.reduce == "allreduce" and dist.get_backend(group) != "nccl":
+        raise ValueError(
+            f"FP8CommState(reduce='allreduce') needs the NCCL backend, this group uses "
+            f"{dist.get_backend(group)!r}, which cannot sum float8: use reduce='gather'"
+        )
+    world = dist.get_world_size(group)
+    fmt, fp8 = get(state.fmt), _FP8_DTYPES[state.fmt]
+    buf = bucket.buffer()  # [n] this bucket's gradients, flat, in the parameters' dtype
+
+    amax = buf.detach().abs().amax().float()
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    headroom = world if state.reduce == "allreduce" else 1  # an FP8 sum of world terms
+    scale = absmax_scale(amax * headroom, fmt)
+    q = round_to_format(buf.float() / scale, fmt).to(fp8)  # [n], exact: values on fmt's grid
+
+    if state.reduce == "allreduce":
+        fut = dist.all_reduce(q, group=group, async_op=True).get_future()
+
+        def total() -> torch.Tensor:
+            return q.float()
+
+    else:
+        gathered = torch.empty(world * q.numel(), dtype=torch.uint8, device=q.device)
+        fut = _all_gather_single(gathered, q.view(torch.uint8), group, True).get_future()
+
+        def total() -> torch.Tensor:
+            return gathered.view(fp8).view(world, -1).float().sum(0)  # [world, n] -> [n]
+
+    def finish(_fut) -> torch.Tensor:
+        # amax * 0 is NaN exactly when amax is NaN or Inf: poison the bucket, no host sync
+        buf.copy_(total().mul_(scale / world).add_(amax * 0))
+        return buf
+
+    return fut.then(finish)
+
+
+def wrap_model(
+    model: nn.Module,
+    parallel: str = "ddp",
+    fp8_comm: bool | FP8CommState = False,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Make ``model`` data-parallel over the initialized process group.
+
+    Args:
+        model: any module; for ``"fsdp"`` its ``.layers`` ModuleList (the transformer blocks
+            of ``fp4train.model.LLaMA``) is sharded block by block, then the root; a model
+            without one is sharded as a whole.
+        parallel: ``"ddp"`` (DistributedDataParallel), ``"fsdp"`` (FSDP2 ``fully_shard``,
+            parameters become DTensor shards) or ``"none"`` (just move to ``device``).
+        fp8_comm: DDP only: all-reduce gradients in FP8 with :func:`fp8_allreduce_hook`
+            (True for ``FP8CommState()``, or a state to choose the format / reduction).
+        device: where the model runs; default the current GPU, else the CPU.
+
+    Returns the wrapped model (DDP: a wrapper whose ``.module`` is ``model``; FSDP2: ``model``
+    itself, sharded in place).
+    """
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if fp8_comm and parallel != "ddp":
+        raise ValueError(
+            f"fp8_comm works with parallel='ddp' only, got parallel={parallel!r} (FSDP2 "
+            "reduce-scatters gradients in its MixedPrecisionPolicy.reduce_dtype)"
+        )
+    if parallel != "none" and not dist.is_initialized():
+        raise ValueError(
+            f"parallel={parallel!r} needs an initialized process group: launch with torchrun "
+            "and call fp4train.distributed.init_from_env() first"
+        )
+    device = torch.device(device) if device is not None else _default_device()
+    if not any(p.is_meta for p in model.parameters()):  # meta models are sharded, then filled
+        model.to(device)
+    if parallel == "none":
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if fp8_comm:
+            state = fp8_comm if isinstance(fp8_comm, FP8CommState) else FP8CommState()
+            ddp.register_comm_hook(state, fp8_allreduce_hook)
+        return ddp
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        for i, block in enumerate(layers):
+            # the last block's parameters are needed again at once by backward: keep them
+            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=mesh)
+    return model
