@@ -14,4 +14,6 @@ timeout 110 python3 -m fp4train compare --model 125m --recipes "fp4-paper,fp4-pa
   --max-steps 60 --batch-size 8 --seq-len 1024 --lr 6e-4 --eval-every 60 --eval-batches 5 \
   --log-every 10 --ckpt-every 1000 --no-progress --out "$OUT/backends" 2>&1 | tail -8 | tee "$OUT/backends.txt"
 timeout 90 python3 -m fp4train bench linear --recipes fp8 fp4-dge fp4-paper 2>&1 | tail -25 | tee "$OUT/bench_linear.txt"
-rm -rf "$OUT"/cmp125m/*/checkpoints "$OUT"/backends/*/checkpoints
+cp "$OUT"/cmp125m/compare.png "$OUT"/compare125m.png; cp "$OUT"/cmp125m/compare.md "$OUT"/compare125m.md
+cp "$OUT"/backends/compare.md "$OUT"/backends.md
+rm -rf "$OUT"/cmp125m "$OUT"/backends
