@@ -219,10 +219,6 @@ class _FP4LinearFn(torch.autograd.Function):
     def backward(ctx, dy2d):
         weight, *saved = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if torch.compiler.is_compiling():
-            # AOTAutograd traces backward with needs_input_grad it cannot trust (it gave
-            # all-zero weight grads): compute both; autograd drops what is not needed
-            need_dx = need_dw = True
         if ctx.use_triton:
             from fp4train import kernels
 
