@@ -49,6 +49,20 @@ def _median_ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def _median_ms_graphed(fn: Callable[[], object]) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph: GPU time without host launch overhead.
+
+    NaN when ``fn`` cannot be captured (e.g. OCC's compensation syncs with the host).
+    """
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    except Exception:  # capture fails on host syncs; the caller reports NaN, not a crash
+        torch.cuda.synchronize()
+        return float("nan")
+
+
 def _rotating(make: Callable[[], torch.Tensor], n: int) -> Callable[[], torch.Tensor]:
     """A function returning one of ``n`` pre-made tensors in turn."""
     pool = [make() for _ in range(n)]
@@ -75,13 +89,19 @@ def _split_recipe(spec: str) -> tuple[str, str]:
 
 
 def bench_linear(
-    shapes=DEFAULT_SHAPES, recipes=DEFAULT_RECIPES, m: int = 8192, rotate: int = 3
+    shapes=DEFAULT_SHAPES,
+    recipes=DEFAULT_RECIPES,
+    m: int = 8192,
+    rotate: int = 3,
+    cuda_graph: bool = False,
 ) -> list[dict]:
     """FP4Linear fwd+bwd time per (shape, recipe) vs bf16 ``nn.Linear``, in one run.
 
     ``recipes`` are preset names, optionally with ``+chan`` (activations with outlier
     channels instead of Gaussian). Returns one row per (shape, recipe) with ms, TFLOP/s
-    (6·M·K·N per fwd+bwd) and speed-up over bf16.
+    (6·M·K·N per fwd+bwd) and speed-up over bf16. ``cuda_graph`` adds ``graph_ms`` and
+    ``graph_speedup``: the same fwd+bwd replayed from a CUDA graph (bf16 too), i.e. the GPU
+    time without Python and launch overhead (NaN where capture is impossible: OCC syncs).
     """
     from fp4train.linear import FP4Linear
     from fp4train.recipe import Recipe
@@ -115,15 +135,18 @@ def bench_linear(
 
             ms = _median_ms(fwd_bwd)
             results[spec] = ms
-            rows.append(
-                dict(
-                    shape=f"{m}x{k}x{n}",
-                    recipe=spec,
-                    ms=ms,
-                    tflops=flops / ms / 1e9,
-                    speedup=results["bf16"] / ms,
-                )
+            row = dict(
+                shape=f"{m}x{k}x{n}",
+                recipe=spec,
+                ms=ms,
+                tflops=flops / ms / 1e9,
+                speedup=results["bf16"] / ms,
             )
+            if cuda_graph:
+                gms = _median_ms_graphed(fwd_bwd)
+                results[spec + ":graph"] = gms
+                row.update(graph_ms=gms, graph_speedup=results["bf16:graph"] / gms)
+            rows.append(row)
         del base
         torch.cuda.empty_cache()
     return rows
@@ -244,7 +267,7 @@ def profile_linear(
         y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
         _, cols, r_c = kocc.occ_compensate(y, x, lo, hi, r_amax, w)
         steps += [
-            (f"OCC fwd compensation ({cols.numel()}/{k} cols)",
+            (f"OCC fwd compensation ({int((cols >= 0).sum())}/{k} cols)",
              lambda: kocc.occ_compensate(y, x, lo, hi, r_amax, w)),
             ("OCC wgrad compensation", lambda: kocc.occ_compensate_wgrad(dw32, dy, cols, r_c)),
         ]  # fmt: skip
@@ -327,24 +350,36 @@ def bench_step(
     seq: int = 2048,
     steps: int = 10,
     compile: bool = False,
+    optimizers=("adamw",),
 ) -> list[dict]:
-    """Tokens/s and peak memory of a training step (fwd + bwd + AdamW, bf16 autocast)."""
+    """Tokens/s and peak memory of a training step (fwd + bwd + optimizer, bf16 autocast).
+
+    ``optimizers``: ``"adamw"`` (torch's fused AdamW, float32 states) and/or ``"adamw-lp"``
+    (:class:`fp4train.optim.LowPrecisionAdamW`: FP8 first moment, FP16 second).
+    """
     from fp4train.convert import convert
     from fp4train.model import LLaMA, get_config
+    from fp4train.optim import LowPrecisionAdamW
     from fp4train.recipe import Recipe
 
     _require_cuda()
+    for o in optimizers:
+        if o not in ("adamw", "adamw-lp"):
+            raise ValueError(f"optimizer must be adamw or adamw-lp, got {o!r}")
     rows = []
     for model_name in models:
         base_tps = None
-        for name in recipes:
+        for name, opt_name in [(r, o) for r in recipes for o in optimizers]:
             torch.manual_seed(0)
             cfg = get_config(model_name, vocab_size=32000)
             model = LLaMA(cfg).cuda()
             if name != "bf16":
                 convert(model, Recipe.preset(name).replace(backend="triton"))
             fwd = torch.compile(model) if compile else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            if opt_name == "adamw":
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            else:
+                opt = LowPrecisionAdamW(model.parameters(), lr=1e-4)
             idx = torch.randint(0, 32000, (batch, seq + 1), device="cuda")
 
             def step(fwd=fwd, opt=opt, idx=idx):
@@ -371,6 +406,7 @@ def bench_step(
                 dict(
                     model=model_name,
                     recipe=name,
+                    optimizer=opt_name,
                     ms=ms,
                     tokens_per_s=tps,
                     speedup=tps / base_tps,
@@ -438,7 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["125m", "1.3b"], help="for step")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (step)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length (step)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time each fwd+bwd replayed from a CUDA graph, no launch overhead (linear)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (step)")
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=["adamw"],
+        choices=["adamw", "adamw-lp"],
+        help="optimizers to time (step): torch's fused AdamW, fp4train's LowPrecisionAdamW",
+    )
     p.add_argument("--results", default=None, help="append the tables to this markdown file")
     return p
 
@@ -449,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     _require_cuda()
     out = []
     if args.what in ("linear", "all"):
-        rows = bench_linear(args.shapes, args.recipes or DEFAULT_RECIPES, m=args.tokens)
+        rows = bench_linear(
+            args.shapes, args.recipes or DEFAULT_RECIPES, m=args.tokens, cuda_graph=args.cuda_graph
+        )
         out.append(_header("FP4Linear fwd+bwd vs bf16 nn.Linear") + "\n" + format_table(rows))
     if args.what in ("quant", "all"):
         out.append(
@@ -476,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             args.batch,
             args.seq,
             compile=args.compile,
+            optimizers=args.optimizers,
         )
         out.append(
             _header(

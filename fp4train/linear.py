@@ -213,7 +213,9 @@ class _FP4LinearFn(torch.autograd.Function):
             y, saved = reference_forward(x2d, weight, recipe)
         ctx.recipe, ctx.use_triton, ctx.x_dtype = recipe, use_triton, x2d.dtype
         ctx.save_for_backward(weight, *saved)
-        return y.to(out_dtype)
+        # no `.to` when the dtype already matches: torch 2.11's Dynamo turns the gradient of a
+        # Function output that is a no-op `.to` of an intermediate into zeros
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy2d):
@@ -227,8 +229,10 @@ class _FP4LinearFn(torch.autograd.Function):
             )
         else:
             dx, dw = reference_backward(tuple(saved), dy2d, weight, ctx.recipe, need_dx, need_dw)
-        dx = dx.to(ctx.x_dtype) if dx is not None else None
-        dw = dw.to(weight.dtype) if dw is not None else None
+        if dx is not None and dx.dtype != ctx.x_dtype:
+            dx = dx.to(ctx.x_dtype)
+        if dw is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
         return dx, dw, None, None, None
 
 

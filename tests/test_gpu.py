@@ -184,11 +184,6 @@ def test_triton_backend_rejects_what_it_cannot_run():
     assert kernels.check_supported(Recipe.preset("fp4-paper"), 64, 40) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the compiled forward traces with no graph break and is bit-identical to "
-    "eager, but the compiled backward returns all-zero weight gradients (2026-11-23, H200)",
-)
 @pytest.mark.parametrize("preset", ["fp4-dge", "fp4-paper"])
 def test_torch_compile_without_graph_breaks(preset, gen):
     import torch._dynamo

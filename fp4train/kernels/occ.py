@@ -25,7 +25,7 @@ import triton.language as tl
 from fp4train import occ as _occ
 from fp4train.kernels import quantize as _q
 
-__all__ = ["occ_thresholds", "occ_compensate", "occ_compensate_wgrad"]
+__all__ = ["occ_thresholds", "occ_compensate", "occ_compensate_wgrad", "outlier_columns"]
 
 _CHUNK = 4096  # elements per program of the histogram passes
 
@@ -192,26 +192,44 @@ def occ_compensate(
 
     y [M, N] bf16 (the quantized GEMM's output), x [M, K] bf16, (lo, hi) the clamp thresholds
     ([1] or [M]), ``resid_col_amax`` [K] from ``quantize_rows(x, lo=lo, hi=hi)``, weight [N, K].
-    Returns ``(y + R_C · W_Cᵀ, cols [C] int64, r_c [M, C] bf16)``; R_C and W_C enter the
-    tensor cores in bf16 with float32 accumulation. ``(cols, r_c)`` serve the wgrad term.
+    Returns ``(y + R_C · W_Cᵀ, cols [K] int64, r_c [M, K] bf16)``: the first C entries of
+    ``cols`` are the outlier columns (the rest -1) and the first M·C elements of ``r_c`` hold
+    R_C as a contiguous [M, C] matrix (the rest is unused). R_C and W_C enter the tensor
+    cores in bf16 with float32 accumulation; ``(cols, r_c)`` serve the wgrad term
+    (:func:`outlier_columns` unpacks them).
+
+    The outputs have fixed shapes although C depends on the data: a data-dependent output
+    shape (an unbacked symbol) inside an ``autograd.Function`` breaks ``torch.compile`` on
+    torch 2.13.
     """
-    cols, r_c = _residual_columns(x, lo, hi, resid_col_amax)
-    r_c = r_c.to(torch.bfloat16)
-    if cols.numel() == 0:
+    m, k = x.shape
+    c_cols, c_r = _residual_columns(x, lo, hi, resid_col_amax)
+    c_r = c_r.to(torch.bfloat16)
+    c = c_cols.numel()
+    cols = torch.full((k,), -1, dtype=torch.int64, device=x.device)
+    cols[:c] = c_cols
+    r_c = torch.empty((m, k), dtype=torch.bfloat16, device=x.device)
+    r_c.view(-1)[: m * c].view(m, c).copy_(c_r)
+    if c == 0:
         return y.clone(), cols, r_c
     # Y += R_C · W_Cᵀ   [M,C] @ [C,N] -> [M,N]
-    w_c = weight.index_select(1, cols).to(torch.bfloat16)
-    return torch.addmm(y, r_c, w_c.t()), cols, r_c
+    w_c = weight.index_select(1, c_cols).to(torch.bfloat16)
+    return torch.addmm(y, c_r, w_c.t()), cols, r_c
 
 
 @occ_compensate.op.register_fake
 def _(y, x, lo, hi, resid_col_amax, weight):
-    c = torch.library.get_ctx().new_dynamic_size()
     return (
         y.new_empty(y.shape),
-        x.new_empty(c, dtype=torch.int64),
-        x.new_empty((x.shape[0], c), dtype=torch.bfloat16),
+        x.new_empty(x.shape[1], dtype=torch.int64),
+        x.new_empty(x.shape, dtype=torch.bfloat16),
     )
+
+
+def outlier_columns(cols: torch.Tensor, r_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cols [C], R_C [M, C])`` from :func:`occ_compensate`'s padded outputs (syncs)."""
+    c = int((cols >= 0).sum())
+    return cols[:c], r_c.view(-1)[: r_c.shape[0] * c].view(r_c.shape[0], c)
 
 
 @_q.custom_op("fp4train::occ_compensate_wgrad")
@@ -223,6 +241,7 @@ def occ_compensate_wgrad(
     dw [N, K] (any float dtype), dy [M, N], (cols, r_c) from :func:`occ_compensate`.
     """
     out = dw.float() if dw.dtype != torch.float32 else dw.clone()
+    cols, r_c = outlier_columns(cols, r_c)
     if cols.numel():
         # dW[:, C] += dYᵀ · R_C   [N,M] @ [M,C] -> [N,C]
         out.index_add_(1, cols, (dy.to(torch.bfloat16).t() @ r_c).float())
