@@ -3,7 +3,9 @@
 A thin shell over :mod:`fp4train.train` (and :mod:`fp4train.speedup` / :mod:`fp4train.bench`,
 imported when their command runs). Exit codes: 0 success; 2 bad arguments or inputs (unknown
 recipe, missing or empty data file, bad ``--set``, unusable checkpoint), with a one-line
-message on stderr; 1 when training diverges (NaN/Inf loss); 130 when interrupted.
+message on stderr; 1 when training diverges (NaN/Inf loss); 130 when interrupted. Under
+torchrun every process is one ``fp4train train`` with these codes (messages carry the rank),
+and torchrun exits 1 when any of them fails, ending the others.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
+from fp4train.distributed import cleanup, is_main
 from fp4train.train import (
+    OPTIMIZERS,
+    PARALLEL,
     CheckpointError,
     ConfigError,
     NonFiniteLossError,
@@ -58,6 +64,24 @@ examples:
   fp4train train --model 125m --batch-size 8 --grad-accum 4 --lr 3e-4 --max-steps 5000
   fp4train train --monitor-every 50                # per-layer SNR / cosine / MSE of FP4 operands
   fp4train train --out runs/x --resume             # continue runs/x from its latest checkpoint
+  fp4train train --optimizer adamw-lp              # FP8 first / FP16 second moment (paper)
+
+several GPUs (data parallel; one process per GPU, started by torchrun):
+  # one node, 8 GPUs; --batch-size is the global batch, split over the processes
+  torchrun --standalone --nproc-per-node 8 -m fp4train train --parallel ddp \\
+      --model 125m --batch-size 64 --out runs/ddp8
+  # FSDP2 (parameters, gradients and optimizer states sharded per transformer block)
+  torchrun --standalone --nproc-per-node 8 -m fp4train train --parallel fsdp ... --out runs/f8
+  # the paper's FP8 gradient all-reduce (DDP only; slower than float32 on NVLink)
+  torchrun --standalone --nproc-per-node 8 -m fp4train train --set grad_comm=e5m2 ...
+  # two nodes: run on each node; HOST:29500 is reachable from both (e.g. node 0), and --out
+  # lies on a filesystem both see (every rank reads the checkpoint on --resume)
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      --rdzv-id JOB_ID -m fp4train train --parallel fsdp ... --out /shared/runs/x
+  Rank 0 writes every output; checkpoints hold the full state, so a run saved on N GPUs
+  resumes on M (same --batch-size) or on one, and `fp4train eval` reads it. --parallel auto
+  (default) is ddp when torchrun starts more than one process. On CPU-only hosts torchrun
+  runs on gloo. Export NCCL_NVLS_ENABLE=0 where NVLink multicast must stay off.
 
 outputs in --out (default runs/<timestamp>-<recipe>, or runs/<--name>):
   config.json, metrics.jsonl (step, loss, lr, tokens, tokens_per_s, ...; val_loss rows),
@@ -67,7 +91,8 @@ outputs in --out (default runs/<timestamp>-<recipe>, or runs/<--name>):
 recipes: bf16, fp8, fp4-paper (E2M1 W4A4 + DGE + OCC), fp4-direct (no DGE, no OCC),
   fp4-dge, fp4-occ; `--set KEY=VALUE` (repeatable) changes fields: fwd_format=e1m2,
   grad_format=e4m3, fwd_granularity=tensor, dge.k=3, dge=none, occ.alpha=0.999,
-  occ.granularity=row, occ=none, fwd_x.format=e3m0, quantize_lm_head=true, backend=reference.
+  occ.granularity=row, occ=none, fwd_x.format=e3m0, quantize_lm_head=true, backend=reference,
+  grad_comm=e5m2 (FP8 gradient all-reduce under --parallel ddp).
 """
 
 _COMPARE_EPILOG = """\
@@ -89,7 +114,7 @@ paper ablations, one command each:
   # DGE: straight-through vs DGE with k = 3, 5 (paper), 10
   fp4train compare --recipes "fp4-direct,fp4-dge[dge.k=3],fp4-dge,fp4-dge[dge.k=10]"
   # OCC: no clamping vs alpha = 0.999, 0.99 (paper), 0.97
-  fp4train compare \
+  fp4train compare \\
       --recipes "fp4-dge,fp4-paper[occ.alpha=0.999],fp4-paper,fp4-paper[occ.alpha=0.97]"
   # OCC quantile per tensor (paper's equation, default) vs per token (its code)
   fp4train compare --recipes "fp4-paper,fp4-paper[occ.granularity=row]"
@@ -200,7 +225,7 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
         "--batch-size",
         type=_positive_int,
         default=_D.batch_size,
-        help="sequences per micro-batch (default: %(default)s)",
+        help="sequences per micro-batch, over all processes (default: %(default)s)",
     )
     g.add_argument(
         "--grad-accum",
@@ -239,6 +264,12 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
         type=float,
         default=_D.grad_clip,
         help="max global gradient norm, 0 = off (default: %(default)s)",
+    )
+    g.add_argument(
+        "--optimizer",
+        default=_D.optimizer,
+        choices=OPTIMIZERS,
+        help="adamw, or adamw-lp: FP8 first / FP16 second moment (default: %(default)s)",
     )
     g.add_argument(
         "--seed",
@@ -305,6 +336,13 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
         help="auto = BF16 autocast on GPU, float32 on CPU (default: %(default)s)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--parallel",
+        default=_D.parallel,
+        choices=PARALLEL,
+        help="data parallelism under torchrun: auto = ddp with more than one process, else "
+        "none (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,11 +432,15 @@ def _train_config(args: argparse.Namespace, command: str) -> TrainConfig:
         out_dir=out,
         resume=getattr(args, "resume", False),
         progress=not args.no_progress,
+        optimizer=args.optimizer,
+        parallel=args.parallel,
     )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     r = train(_train_config(args, "train"))
+    if not is_main():
+        return 0
     print(
         f"done: {r['step']} steps, {r['tokens']:,} tokens in {r['elapsed_s']:.0f} s; "
         f"train loss {r['train_loss']:.4f}, val loss {r['val_loss']:.4f} "
@@ -409,8 +451,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     cfg = _train_config(args, "compare")
+    if cfg.out_dir is None and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ConfigError("under torchrun name the output directory with --out or --name")
     out = cfg.out_dir or str(Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     rows = compare(cfg, split_recipe_list(args.recipes), out)
+    if not is_main():
+        return 0
     base = next((r for r in rows if r["spec"] == "bf16"), rows[0])
     print(compare_table(rows, base["label"]), end="")
     print(f"outputs in {out}: compare.png, compare.md, compare.json, one directory per recipe")
@@ -463,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a bad argument (2)
         return e.code if isinstance(e.code, int) else 2
     prog = f"fp4train {args.command}"
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: say which rank speaks
+        prog += f" [rank {os.environ.get('RANK', '?')}]"
     commands = {"train": _cmd_train, "compare": _cmd_compare, "eval": _cmd_eval}
     try:
         return commands[args.command](args)
@@ -475,3 +523,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        cleanup()  # the process group train() joined under torchrun, if any

@@ -9,6 +9,10 @@ Launch one process per GPU with ``torchrun``; :func:`init_from_env` reads its en
         --rdzv-endpoint HOST:29500 --rdzv-id JOB_ID -m fp4train train ...
 
 Without torchrun everything runs as a single process (rank 0 of 1).
+``fp4train train --parallel ddp|fsdp`` uses what is here: :func:`init_from_env`,
+:func:`wrap_model`, :func:`all_reduce_sum` for the logged loss, and :func:`get_full_state` /
+:func:`set_full_state`, which gather and scatter the full (unsharded) model and optimizer
+state so checkpoints look like a single process' whatever the number of ranks.
 
 :func:`wrap_model` applies data parallelism: DDP (optionally with :func:`fp8_allreduce_hook`,
 the paper's FP8 gradient all-reduce from MS-AMP) or FSDP2 ``fully_shard`` per transformer
@@ -40,6 +44,7 @@ not measured here).
 # no `from __future__ import annotations`: DDP checks the hook's annotations as objects
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,9 +57,13 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # read by NCCL when a communicat
 
 __all__ = [
     "init_from_env",
+    "launched_world_size",
     "is_main",
     "barrier",
     "cleanup",
+    "all_reduce_sum",
+    "get_full_state",
+    "set_full_state",
     "FP8CommState",
     "fp8_allreduce_hook",
     "wrap_model",
@@ -72,22 +81,37 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_from_env() -> tuple[int, int, int, torch.device]:
+def launched_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun set it, 1 without torchrun; reads only the environment, so
+    settings can be checked before any process group exists."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        value = os.environ["WORLD_SIZE"]
+        raise ValueError(f"WORLD_SIZE must be an integer, got {value!r}") from None
+
+
+def init_from_env(device: str = "auto") -> tuple[int, int, int, torch.device]:
     """Join the process group torchrun describes; returns (rank, world_size, local_rank, device).
 
     Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) this initializes
     ``torch.distributed`` with NCCL on CUDA (one GPU per local rank, made current) or gloo on
-    CPU; a process group that is already initialized is reused. Otherwise it returns
-    ``(0, 1, 0, device)`` for a single process, device being the current GPU or the CPU.
+    CPU; a process group that is already initialized is reused. ``device="cpu"`` takes gloo
+    on the CPU even where GPUs are visible. Otherwise it returns ``(0, 1, 0, device)`` for a
+    single process, device being the current GPU or the CPU.
     """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, 0, _default_device()
+        return 0, 1, 0, torch.device("cpu") if device == "cpu" else _default_device()
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError as e:
         raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {e}") from None
-    if torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available")
+    if device != "cpu" and torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise ValueError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are "
@@ -118,6 +142,83 @@ def cleanup() -> None:
     """Destroy the process group, if any (call once at the end of training)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks, in place, and return it (unchanged when not distributed).
+
+    SUM rather than AVG: gloo has no AVG; divide by the world size for a mean.
+    """
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def get_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The full (unsharded) state of a DDP or FSDP2 model and its optimizer, on the CPU.
+
+    Collective: every rank calls it; rank 0 gets the tensors, the other ranks empty dicts.
+    Keyed like a single process' ``module.state_dict()`` and ``optimizer.state_dict()``
+    (no ``module.`` prefixes; optimizer states under integer ids in parameter-group order),
+    so a checkpoint does not depend on the number of ranks that wrote it. Built on
+    ``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True, cpu_offload=True``.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not optim_sd:
+        return model_sd, {}
+    # parameter names -> running ids, as torch.optim.Optimizer.state_dict numbers them
+    ids: dict[str, int] = {}
+    groups = [
+        {**g, "params": [ids.setdefault(name, len(ids)) for name in g["params"]]}
+        for g in optim_sd["param_groups"]
+    ]
+    state = {ids[name]: v for name, v in optim_sd["state"].items()}
+    return model_sd, {"state": state, "param_groups": groups}
+
+
+def set_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict
+) -> None:
+    """Load a full state (as :func:`get_full_state` returns it, or a single process wrote it)
+    into a DDP or FSDP2 model and its optimizer; every rank passes the same full dicts.
+
+    Collective. Raises RuntimeError / ValueError / KeyError when the state does not fit.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    names = {id(p): name for name, p in _unwrap(model).named_parameters()}
+    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    saved_groups: list[dict[str, Any]] = optim_sd["param_groups"]
+    n_saved = sum(len(g["params"]) for g in saved_groups)
+    if n_saved != len(fqns) or len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"optimizer state has {len(saved_groups)} groups of {n_saved} parameters, the "
+            f"optimizer {len(optimizer.param_groups)} groups of {len(fqns)}"
+        )
+    by_id = {i: fqns[pos] for pos, i in enumerate(i for g in saved_groups for i in g["params"])}
+    named = {
+        "state": {by_id[i]: v for i, v in optim_sd["state"].items()},
+        "param_groups": [{**g, "params": [by_id[i] for i in g["params"]]} for g in saved_groups],
+    }
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, named, options=opts)
 
 
 @dataclass

@@ -20,6 +20,11 @@ wgrad ``Q(diag(s_x) · dY)ᵀ · X_q``. The fold needs the forward granularity `
 ``dge`` (a :class:`DGEConfig`, or None for the straight-through estimator) corrects the weight
 gradient; ``occ`` (an :class:`OCCConfig`, or None) clamps activation outliers before
 quantization and adds the clamped-off residual back in high precision.
+
+``grad_comm`` is not a GEMM setting: under ``fp4train train --parallel ddp`` it all-reduces
+gradients in FP8 (``"e5m2"`` or ``"e4m3"``, the paper's MS-AMP scheme, see
+:mod:`fp4train.distributed`); None (every preset) keeps the plain float32 all-reduce, which
+measured faster on NVLink. It has no effect in a single process.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ _REUSE = "fwd"
 _ROUNDINGS = ("nearest", "stochastic")
 _BACKENDS = ("auto", "triton", "reference")
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+_GRAD_COMMS = (None, "e5m2", "e4m3")
 # granularities whose scales sit off the GEMM's reduction dim (or blocks along it)
 _ALLOWED_GRAN = {
     "fwd_x": ("tensor", "row", "block"),
@@ -113,6 +119,7 @@ class Recipe:
     compute_dtype: str = "bfloat16"  # GEMM output dtype on CUDA; on CPU the input's dtype
     quantize_lm_head: bool = False  # convert() leaves the LM head in high precision by default
     nonfinite: str = "raise"  # "raise": NaN/Inf entering a quantized GEMM raise (reference path)
+    grad_comm: str | None = None  # DDP gradient all-reduce in FP8: None, "e5m2" or "e4m3"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -199,6 +206,7 @@ class Recipe:
         lines.append(f"  dge       {self.dge if self.dge else 'off (straight-through)'}")
         lines.append(f"  occ       {self.occ if self.occ else 'off'}")
         lines.append(f"  backend   {self.backend}")
+        lines.append(f"  grad_comm {self.grad_comm or 'float32 all-reduce'}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -340,6 +348,8 @@ def _validate(r: Recipe) -> None:
         raise bad("quantize_lm_head", r.quantize_lm_head, (True, False))
     if r.nonfinite not in ("raise", "propagate"):
         raise bad("nonfinite", r.nonfinite, ("raise", "propagate"))
+    if r.grad_comm not in _GRAD_COMMS:
+        raise bad("grad_comm", r.grad_comm, _GRAD_COMMS)
 
 
 def _w4a4(name: str, dge: bool, occ: bool) -> Recipe:

@@ -21,6 +21,23 @@ Choices (the paper's where it states them):
   crash mid-write never damages the previous one. Each holds model, optimizer, scheduler,
   data position, every RNG state and the tokenizer: on CPU a resumed run's losses equal the
   uninterrupted run's bit for bit.
+- ``optimizer="adamw-lp"``: :class:`fp4train.optim.LowPrecisionAdamW` (FP8 E4M3 first moment,
+  FP16 second, FP32 math), same parameter groups; a checkpoint resumes only with the
+  optimizer that wrote it.
+
+Data parallelism (``parallel``; launch with torchrun, see :mod:`fp4train.distributed`):
+``batch_size`` stays the *global* batch of a micro-step. Every rank draws the same global
+batch (same seed, same position) and takes its contiguous slice of rows ``[r·B/W, (r+1)·B/W)``;
+the loss is a token mean over equal slices, so DDP's / FSDP2's gradient average is the
+gradient of the global batch, and a run on W processes follows the 1-process run (float32 on
+CPU: equal to rounding). Quantized recipes compute some scales over the local batch (dY's
+column scales in wgrad, a per-tensor OCC quantile), so there the runs differ by quantization
+noise, as in any data-parallel FP8/FP4 training. The logged loss is the mean over ranks,
+validation splits each batch over the ranks and sums, and a NaN/Inf loss or gradient norm
+(the same number on every rank) stops all of them. Rank 0 alone writes files and prints.
+Checkpoints hold the full, unsharded state in the single-process layout
+(:func:`fp4train.distributed.get_full_state`), so a run saved on N processes resumes on M,
+or on one, and ``fp4train eval`` reads it.
 
 Outputs in ``out_dir``: config.json, metrics.jsonl (one object per logged step: step, loss,
 lr, tokens, tokens_per_s, grad_norm; and objects with val_loss at eval steps, with "monitor"
@@ -31,6 +48,7 @@ tokenizer.json, loss.png, eval.json (final val_loss, val_ppl), monitor_summary.m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -58,6 +76,8 @@ __all__ = [
     "split_recipe_list",
     "lr_multiplier",
     "build_optimizer",
+    "OPTIMIZERS",
+    "PARALLEL",
     "build_model",
     "save_checkpoint",
     "load_checkpoint",
@@ -84,6 +104,8 @@ _CKPT_KEYS = (
 )
 _DEFAULT_LR = {"tiny": 4e-3}  # measured: the tiny model on the embedded corpus; else 3e-4
 _FINAL_LOSS_WINDOW = 20  # "final train loss" = mean over the last this many steps
+OPTIMIZERS = ("adamw", "adamw-lp")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
 
 
 # ---------------------------------------------------------------------------- config
@@ -97,7 +119,10 @@ class TrainConfig:
     ``seq_len`` None uses the model's ``max_seq_len``; ``lr`` None a per-model default (4e-3 for
     tiny, else the paper's 3e-4). ``precision``: "auto" (BF16 autocast on CUDA, float32 on
     CPU), "bf16" or "fp32". ``monitor_every`` > 0 logs quantization statistics every that many
-    steps. ``resume`` continues from ``out_dir``/checkpoints/latest.pt.
+    steps. ``resume`` continues from ``out_dir``/checkpoints/latest.pt. ``optimizer``: "adamw"
+    or "adamw-lp" (FP8/FP16 states). ``parallel``: "auto" (DDP when torchrun started more
+    than one process, else none), "none", "ddp" or "fsdp"; ``batch_size`` is the global batch
+    per micro-step, divided over the processes.
     """
 
     model: str = "tiny"
@@ -131,6 +156,8 @@ class TrainConfig:
     out_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    optimizer: str = "adamw"
+    parallel: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
@@ -171,6 +198,10 @@ class TrainConfig:
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.resume and self.out_dir is None:
             raise ConfigError("resume needs out_dir (--out DIR): the run to continue")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
 
 
 class ConfigError(ValueError):
@@ -250,8 +281,9 @@ def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: fl
     return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on linear-layer matrices only (see the module docstring)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW (``cfg.optimizer`` "adamw") or LowPrecisionAdamW ("adamw-lp") with weight decay
+    on linear-layer matrices only (see the module docstring)."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # tied parameters appear once
@@ -262,6 +294,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.optimizer == "adamw-lp":
+        from fp4train.optim import LowPrecisionAdamW
+
+        return LowPrecisionAdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
@@ -314,6 +350,23 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def _write_checkpoint(state: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
+    """``ckpt_dir``/step_NNNNNN.pt, then latest.pt pointing at it; keep the last ``keep``."""
+    path = save_checkpoint(state, ckpt_dir / f"step_{step:06d}.pt")
+    latest_tmp = ckpt_dir / ".latest.pt.link"
+    latest_tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, latest_tmp)  # same bytes, no second write
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, latest_tmp)
+    os.replace(latest_tmp, ckpt_dir / "latest.pt")
+    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return ckpt_dir / "latest.pt"
+
+
 def _load_model_state(model: nn.Module, ckpt: dict, path: Path) -> None:
     try:
         model.load_state_dict(ckpt["model"], strict=True)
@@ -323,45 +376,76 @@ def _load_model_state(model: nn.Module, ckpt: dict, path: Path) -> None:
         ) from e
 
 
-def _restore(path, model, optimizer, scheduler, batcher, model_config, recipe):
-    """Load a run's state from checkpoint ``path``; return (step, recent losses)."""
+def _restore(
+    path, model, optimizer, scheduler, batcher, model_config, recipe, cfg, *, sharded, device
+):
+    """Load a run's state from checkpoint ``path`` into ``model`` (a DDP / FSDP2 model when
+    ``sharded``, every rank reading the file); return (step, recent losses)."""
     ckpt = load_checkpoint(path)
     if ckpt["model_config"] != model_config.to_dict():
         raise CheckpointError(
             f"checkpoint {path} was trained with model config {ckpt['model_config']}, "
             f"but this run builds {model_config.to_dict()}"
         )
-    if ckpt["recipe"] != recipe.to_dict():
+    # the name is a label; grad_comm only changes how gradients travel (a DDP run with FP8
+    # all-reduce may resume on one process, which has nothing to all-reduce)
+    mine = recipe.to_dict()
+    differ = [
+        f"{k} {ckpt['recipe'].get(k)!r} vs {v!r}"
+        for k, v in mine.items()
+        if k not in ("name", "grad_comm") and ckpt["recipe"].get(k) != v
+    ]
+    if differ:
         raise CheckpointError(
-            f"checkpoint {path} was trained with recipe {ckpt['recipe']['name']!r} "
-            f"({ckpt['recipe']}), but this run uses {recipe.to_dict()}"
+            f"checkpoint {path} was trained with recipe {ckpt['recipe']['name']!r}, this run "
+            f"uses {recipe.name!r}; they differ in {'; '.join(differ)}"
         )
-    _load_model_state(model, ckpt, path)
+    saved_optimizer = ckpt["train_config"].get("optimizer", "adamw")
+    if saved_optimizer != cfg.optimizer:
+        raise CheckpointError(
+            f"checkpoint {path} holds the state of optimizer {saved_optimizer!r}, but this run "
+            f"uses {cfg.optimizer!r}; resume with --optimizer {saved_optimizer}"
+        )
+    if sharded:
+        from fp4train.distributed import set_full_state
+
+        try:
+            set_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this run: {str(e).splitlines()[0]} ..."
+            ) from e
+    else:
+        _load_model_state(model, ckpt, path)
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if not sharded:
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         batcher.load_state_dict(ckpt["batcher"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from e
-    _set_rng_state(ckpt["rng"])
+    _set_rng_state(ckpt["rng"], device)
     return ckpt["step"], ckpt.get("recent_losses", [])
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
     np_state = np.random.get_state()
+    # the training GPU's generator only: touching every visible GPU would, under torchrun,
+    # open a context on each from each rank
+    cuda = device.type == "cuda" and torch.cuda.is_initialized()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if cuda else [],
         # numpy / python states as plain lists so torch.load(weights_only=True) reads them
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     version, internal, gauss = state["python"]
@@ -384,9 +468,16 @@ def evaluate(
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> float:
     """Mean next-token cross-entropy of ``model`` over ``tokens`` (sequential windows from
-    ``fp4train.data.eval_batches``), in eval mode; the model's mode is restored after."""
+    ``fp4train.data.eval_batches``), in eval mode; the model's mode is restored after.
+
+    With ``world_size`` > 1 (a process group initialized, every rank calling) rank r scores
+    rows ``[r·n/W, (r+1)·n/W)`` of each batch of n windows and the token-weighted sums are
+    all-reduced: every rank returns the loss one process would compute.
+    """
     from fp4train.data import eval_batches
 
     device = torch.device(device)
@@ -394,12 +485,23 @@ def evaluate(
     model.eval()
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, seq_len, max_batches=max_batches):
+        n = len(x)
+        lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+        # a last batch with fewer windows than ranks leaves some ranks none; they still run
+        # one window (FSDP2's forward is collective) and do not count it
+        weight = 1.0 if hi > lo else 0.0
+        x, y = (x[lo:hi], y[lo:hi]) if hi > lo else (x[:1], y[:1])
         x, y = _to_device(x, device), _to_device(y, device)
         with _autocast(device, autocast_dtype):
             loss = model(x, y)
-        total += float(loss) * y.numel()
-        count += y.numel()
+        total += float(loss) * y.numel() * weight
+        count += int(y.numel() * weight)
     model.train(was_training)
+    if world_size > 1:
+        from fp4train.distributed import all_reduce_sum
+
+        sums = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
+        total, count = sums[0].item(), int(sums[1].item())
     if count == 0:
         raise ValueError(
             f"no evaluation batch: {len(tokens)} tokens are fewer than seq_len + 1 = {seq_len + 1}"
@@ -503,6 +605,16 @@ class _MetricsLog:
             self.tb.close()
 
 
+class _NullLog:
+    """The metrics log of ranks other than 0: they compute, rank 0 writes."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _tensorboard_writer(out_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -542,6 +654,51 @@ def _echo(msg: str, bar) -> None:
         print(msg, flush=True)
 
 
+def _parallel_mode(cfg: TrainConfig, recipe: Recipe, world: int) -> str:
+    """``cfg.parallel`` resolved for ``world`` launched processes; ConfigError for settings
+    that cannot work, checked before any process group is joined."""
+    parallel = cfg.parallel
+    if parallel == "auto":
+        parallel = "ddp" if world > 1 else "none"
+    launch = "torchrun --nproc-per-node N -m fp4train train --parallel ddp ..."
+    if parallel == "none" and world > 1:
+        raise ConfigError(
+            f"--parallel none, but torchrun started {world} processes: each would train the same "
+            "model alone; use --parallel ddp or fsdp"
+        )
+    if parallel != "none" and "RANK" not in os.environ:
+        raise ConfigError(f"--parallel {parallel} needs a torchrun launch: {launch}")
+    if parallel == "none":
+        return parallel
+    if cfg.batch_size % world:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
+            f"{world} processes; each takes batch_size / {world} rows"
+        )
+    if cfg.device.startswith("cuda:"):
+        raise ConfigError(
+            f"device {cfg.device!r} under torchrun: each process takes the GPU of its "
+            "LOCAL_RANK; use --device cuda or auto"
+        )
+    if cfg.out_dir is None:
+        raise ConfigError(
+            "under torchrun name the output directory (--out DIR or --name NAME): the default "
+            "holds a timestamp, which the processes might not agree on"
+        )
+    if parallel == "fsdp" and recipe.grad_comm is not None:
+        raise ConfigError(
+            f"recipe field grad_comm={recipe.grad_comm!r} (FP8 gradient all-reduce) works with "
+            "--parallel ddp only; FSDP2 reduce-scatters gradients in its own dtype"
+        )
+    if parallel == "fsdp" and cfg.optimizer == "adamw-lp":
+        raise ConfigError(
+            "--optimizer adamw-lp does not support --parallel fsdp: its FP8/FP16 states are "
+            "blocked over each rank's shard, so no full checkpoint can be gathered; use "
+            "--parallel ddp or --optimizer adamw"
+        )
+    return parallel
+
+
 # ---------------------------------------------------------------------------- training
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) one training job; return its final metrics.
@@ -551,18 +708,38 @@ def train(cfg: TrainConfig) -> dict:
     Raises :class:`ConfigError` for bad settings or inputs (before any training),
     :class:`CheckpointError` for an unusable checkpoint on resume and
     :class:`NonFiniteLossError` when the loss diverges.
+
+    Under torchrun with ``parallel`` "ddp" or "fsdp" every process calls it; it joins the
+    process group (left open: ``fp4train.distributed.cleanup()`` ends it) and returns the
+    same metrics on every rank, rank 0 alone writing files.
     """
     from tqdm.auto import tqdm
 
+    from fp4train import distributed as fdist
+
     cfg.validate()
     recipe = parse_recipe(cfg.recipe, cfg.overrides)
+    try:
+        world = fdist.launched_world_size()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    parallel = _parallel_mode(cfg, recipe, world)
+    if parallel == "none":
+        rank, world, device = 0, 1, _resolve_device(cfg.device)
+    else:
+        rank, world, _, device = fdist.init_from_env(cfg.device)
+    main = rank == 0
     out_dir = Path(cfg.out_dir) if cfg.out_dir else _default_out_dir(cfg.recipe)
     ckpt_dir = out_dir / "checkpoints"
     if not cfg.resume and (ckpt_dir / "latest.pt").exists():
         raise ConfigError(
             f"{out_dir} already holds a run; pass --resume to continue it or pick another --out"
         )
+    if not main:
+        fdist.barrier()  # rank 0 tokenizes and fills the cache first; the others read it
     data = _prepare_data(cfg.data, cfg.vocab_size, cfg.cache_dir)
+    if main:
+        fdist.barrier()
     model_config = _model_config(cfg.model, data.vocab_size)
     seq_len = cfg.seq_len or model_config.max_seq_len
     if seq_len > model_config.max_seq_len:
@@ -575,24 +752,41 @@ def train(cfg: TrainConfig) -> dict:
                 f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = "
                 f"{seq_len + 1}; use more text or a smaller --seq-len"
             )
-    device = _resolve_device(cfg.device)
     amp_dtype = _autocast_dtype(cfg.precision, device)
     peak_lr = cfg.lr if cfg.lr is not None else _DEFAULT_LR.get(cfg.model, 3e-4)
 
     from fp4train.data import Batcher
 
     _seed_everything(cfg.seed)
-    model = build_model(model_config, recipe).to(device)
+    model = build_model(model_config, recipe)
+    n_params = model.num_params()
+    if parallel == "none":
+        wrapped = model.to(device)
+    else:
+        # DDP: `wrapped` holds `model`; FSDP2: `wrapped` is `model`, sharded in place
+        fp8_comm = fdist.FP8CommState(recipe.grad_comm) if recipe.grad_comm else False
+        wrapped = fdist.wrap_model(model, parallel, fp8_comm=fp8_comm, device=device)
     optimizer = build_optimizer(model, cfg, peak_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_multiplier(s, cfg.max_steps, cfg.warmup_frac, cfg.min_lr_frac),
     )
-    batcher = Batcher(data.train, cfg.batch_size, seq_len, seed=cfg.seed)
+    # every rank draws the global batch and keeps its rows: the stream does not depend on world
+    batcher = Batcher(data.train, cfg.batch_size // world, seq_len, cfg.seed, rank, world)
     start_step, recent = 0, deque(maxlen=_FINAL_LOSS_WINDOW)
+    sharded = parallel != "none"
     if cfg.resume:
         start_step, losses = _restore(
-            ckpt_dir / "latest.pt", model, optimizer, scheduler, batcher, model_config, recipe
+            ckpt_dir / "latest.pt",
+            wrapped if sharded else model,
+            optimizer,
+            scheduler,
+            batcher,
+            model_config,
+            recipe,
+            cfg,
+            sharded=sharded,
+            device=device,
         )
         if start_step >= cfg.max_steps:
             raise ConfigError(
@@ -600,74 +794,86 @@ def train(cfg: TrainConfig) -> dict:
                 f"{cfg.max_steps}: nothing to do; raise --max-steps to train on"
             )
         recent.extend(losses)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(wrapped) if cfg.compile else wrapped
+    # DDP's replica evaluates without collectives; an FSDP2 model needs every rank's forward
+    eval_model = model if parallel == "ddp" else train_model
     monitor = None
     if cfg.monitor_every:
         from fp4train.monitor import QuantMonitor
 
         monitor = QuantMonitor(model)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(
-        out_dir / "config.json",
-        {
-            "train": dataclasses.asdict(cfg)
-            | {"lr": peak_lr, "seq_len": seq_len, "out_dir": str(out_dir)},
-            "model": model_config.to_dict(),
-            "recipe": recipe.to_dict(),
-            "data": {
-                "source": data.source,
-                "vocab_size": data.vocab_size,
-                "train_tokens": len(data.train),
-                "val_tokens": len(data.val),
-            },
-            "params": model.num_params(),
-            "device": str(device),
-            "autocast": str(amp_dtype) if amp_dtype else None,
-            "resumed_from_step": start_step if cfg.resume else None,
-            "torch": torch.__version__,
-        },
-    )
     tok_json = _tokenizer_json(data.tokenizer)
-    if tok_json is not None:
-        (out_dir / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-    log = _MetricsLog(out_dir, start_step if cfg.resume else None)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(
+            out_dir / "config.json",
+            {
+                "train": dataclasses.asdict(cfg)
+                | {"lr": peak_lr, "seq_len": seq_len, "out_dir": str(out_dir)},
+                "model": model_config.to_dict(),
+                "recipe": recipe.to_dict(),
+                "data": {
+                    "source": data.source,
+                    "vocab_size": data.vocab_size,
+                    "train_tokens": len(data.train),
+                    "val_tokens": len(data.val),
+                },
+                "params": n_params,
+                "device": str(device),
+                "parallel": parallel,
+                "world_size": world,
+                "autocast": str(amp_dtype) if amp_dtype else None,
+                "resumed_from_step": start_step if cfg.resume else None,
+                "torch": torch.__version__,
+            },
+        )
+        if tok_json is not None:
+            (out_dir / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+    log = _MetricsLog(out_dir, start_step if cfg.resume else None) if main else _NullLog()
 
-    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum  # global
     last_ckpt = ckpt_dir / "latest.pt" if cfg.resume else None
 
     def checkpoint(step: int) -> Path:
-        state = {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "batcher": batcher.state_dict(),
-            "rng": _rng_state(),
-            "recent_losses": list(recent),
-            "model_config": model_config.to_dict(),
-            "recipe": recipe.to_dict(),
-            "train_config": dataclasses.asdict(cfg),
-            "data": {"source": data.source, "vocab_size": data.vocab_size},
-            "tokenizer": tok_json,
-        }
-        path = save_checkpoint(state, ckpt_dir / f"step_{step:06d}.pt")
-        latest_tmp = ckpt_dir / ".latest.pt.link"
-        latest_tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, latest_tmp)  # same bytes, no second write
-        except OSError:
-            import shutil
-
-            shutil.copyfile(path, latest_tmp)
-        os.replace(latest_tmp, ckpt_dir / "latest.pt")
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[: -cfg.keep_ckpts]:
-            old.unlink()
+        if sharded:  # collective: every rank takes part, rank 0 receives the full state
+            model_state, optim_state = fdist.get_full_state(wrapped, optimizer)
+        else:
+            model_state, optim_state = model.state_dict(), optimizer.state_dict()
+        if main:
+            _write_checkpoint(
+                {
+                    "step": step,
+                    "model": model_state,
+                    "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict(),
+                    "batcher": batcher.state_dict(),
+                    "rng": _rng_state(device),
+                    "recent_losses": list(recent),
+                    "model_config": model_config.to_dict(),
+                    "recipe": recipe.to_dict(),
+                    "train_config": dataclasses.asdict(cfg),
+                    "data": {"source": data.source, "vocab_size": data.vocab_size},
+                    "tokenizer": tok_json,
+                },
+                ckpt_dir,
+                step,
+                cfg.keep_ckpts,
+            )
+        fdist.barrier()  # the checkpoint is complete when any rank goes on
         return ckpt_dir / "latest.pt"
 
     def run_eval(step: int) -> float:
         val = evaluate(
-            train_model, data.val, cfg.batch_size, seq_len, cfg.eval_batches, device, amp_dtype
+            eval_model,
+            data.val,
+            cfg.batch_size,
+            seq_len,
+            cfg.eval_batches,
+            device,
+            amp_dtype,
+            rank=rank,
+            world_size=world,
         )
         log.write(
             {
@@ -693,20 +899,22 @@ def train(cfg: TrainConfig) -> dict:
 
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    progress = cfg.progress and main
     bar = tqdm(
         total=cfg.max_steps,
         initial=start_step,
         unit="step",
         dynamic_ncols=True,
-        disable=not cfg.progress,
+        disable=not progress,
         desc=f"{recipe.name}",
     )
-    bar_or_none = bar if cfg.progress else None
-    _echo(
-        f"fp4train: {model.num_params() / 1e6:.2f}M params, recipe {recipe.name}, "
+    bar_or_none = bar if progress else None
+    echo = (lambda msg: _echo(msg, bar_or_none)) if main else (lambda msg: None)
+    where = f"{world} processes ({parallel})" if sharded else f"device {device}"
+    echo(
+        f"fp4train: {n_params / 1e6:.2f}M params, recipe {recipe.name}, "
         f"{data.source}: {len(data.train):,} train / {len(data.val):,} val tokens, "
-        f"{tokens_per_step:,} tokens/step, device {device}, out {out_dir}",
-        bar_or_none,
+        f"{tokens_per_step:,} tokens/step, {where}, out {out_dir}"
     )
     t_start, train_time, interval_time, interval_tokens = time.perf_counter(), 0.0, 0.0, 0
     val_loss = None
@@ -722,20 +930,29 @@ def train(cfg: TrainConfig) -> dict:
                 x, y = _to_device(x, device), _to_device(y, device)
                 if monitoring and micro == 0:
                     monitor.start()
+                # DDP: all-reduce once per step, in the last micro-batch's backward
+                no_sync = parallel == "ddp" and micro < cfg.grad_accum - 1
                 try:
-                    with _autocast(device, amp_dtype):
-                        loss = train_model(x, y)
-                    (loss / cfg.grad_accum).backward()
+                    with wrapped.no_sync() if no_sync else contextlib.nullcontext():
+                        with _autocast(device, amp_dtype):
+                            loss = train_model(x, y)
+                        (loss / cfg.grad_accum).backward()
                 except ValueError as e:
                     if "NaN" not in str(e):
                         raise
-                    # an FP4 layer refused non-finite activations or gradients
+                    # an FP4 layer refused non-finite activations or gradients (on this rank;
+                    # under torchrun its exit ends the other ranks)
                     raise diverged(n, math.nan, math.nan, str(e)) from e
                 if monitoring and micro == 0:
                     log.write({"step": n, "monitor": monitor.stop()})
                 loss_sum += loss.detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            loss_val, norm_val = torch.stack([loss_sum / cfg.grad_accum, grad_norm]).tolist()
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; the norm over all shards
+                grad_norm = grad_norm.full_tensor()
+            # the mean over ranks of equal-size token means: the global batch's loss
+            loss_mean = fdist.all_reduce_sum(loss_sum) / (world * cfg.grad_accum)
+            # both numbers are equal on every rank, so every rank stops at the same step
+            loss_val, norm_val = torch.stack([loss_mean, grad_norm.float()]).tolist()
             if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
                 raise diverged(n, loss_val, norm_val, f"loss {loss_val}, grad norm {norm_val}")
             lr = scheduler.get_last_lr()[0]
@@ -762,7 +979,7 @@ def train(cfg: TrainConfig) -> dict:
                         "elapsed_s": time.perf_counter() - t_start,
                     }
                 )
-                if not cfg.progress:
+                if not cfg.progress and main:
                     print(
                         f"step {n}/{cfg.max_steps} loss {loss_val:.4f} lr {lr:.2e} "
                         f"{tps:,.0f} tok/s",
@@ -771,9 +988,7 @@ def train(cfg: TrainConfig) -> dict:
                 interval_time, interval_tokens = 0.0, 0
             if n % cfg.eval_every == 0 or n == cfg.max_steps:
                 val_loss = run_eval(n)
-                _echo(
-                    f"step {n}: val_loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})", bar_or_none
-                )
+                echo(f"step {n}: val_loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})")
             if n % cfg.ckpt_every == 0 or n == cfg.max_steps:
                 last_ckpt = checkpoint(n)
     finally:
@@ -793,8 +1008,10 @@ def train(cfg: TrainConfig) -> dict:
         "val_ppl": math.exp(val_loss),
         "elapsed_s": elapsed,
         "tokens_per_s": (cfg.max_steps - start_step) * tokens_per_step / train_time,
-        "params": model.num_params(),
+        "params": n_params,
     }
+    if not main:
+        return final
     _write_json(out_dir / "eval.json", final)
     from fp4train.plots import plot_losses
 
@@ -922,6 +1139,10 @@ def compare(
     for r in rows:
         r["val_gap_pct"] = 100 * (r["val_loss"] - base["val_loss"]) / base["val_loss"]
         r["train_gap_pct"] = 100 * (r["train_loss"] - base["train_loss"]) / base["train_loss"]
+    from fp4train.distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 writes the summary
+        return rows
     table = compare_table(rows, base["label"])
     (out_dir / "compare.md").write_text(table, encoding="utf-8")
     _write_json(out_dir / "compare.json", {"baseline": base["label"], "runs": rows})

@@ -258,3 +258,15 @@ def test_fp8_comm_state_validation():
         FP8CommState(fmt="e2m1")
     with pytest.raises(ValueError, match="reduce"):
         FP8CommState(reduce="sum")
+
+
+def test_launched_world_size_and_device_choice(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert fdist.launched_world_size() == 1
+    assert init_from_env("cpu")[3] == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda'"):
+        init_from_env("cuda:1")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer, got 'two'"):
+        fdist.launched_world_size()

@@ -325,3 +325,14 @@ def test_describe_shows_blocks_and_stochastic_rounding():
         ["dgrad_dy.granularity=block", "dgrad_dy.block_size=32", "rounding=stochastic"]
     )
     assert "e5m2 block32, stochastic" in r.describe()
+
+
+def test_grad_comm_field():
+    for name in Recipe.presets():
+        assert Recipe.preset(name).grad_comm is None  # FP8 all-reduce is opt-in
+    r = Recipe.preset("bf16").with_overrides(["grad_comm=e5m2"])
+    assert r.grad_comm == "e5m2" and "grad_comm e5m2" in r.describe()
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert r.with_overrides(["grad_comm=none"]).grad_comm is None
+    with pytest.raises(ValueError, match=r"'grad_comm' = 'e2m1' is invalid; allowed: \(None, "):
+        Recipe.preset("bf16").replace(grad_comm="e2m1")

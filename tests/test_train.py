@@ -283,6 +283,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(micro, tmp_path, monkeypa
     assert last["step"] == 3 and last["nonfinite"] and last["loss"] is None
 
 
+def test_low_precision_adamw_trains_and_resumes_bit_for_bit(micro, tmp_path):
+    kw = dict(optimizer="adamw-lp", recipe="bf16")
+    straight = tmp_path / "straight"
+    train(_cfg(micro, straight, **kw))
+    opt = load_checkpoint(straight)["optimizer"]
+    decay, no_decay = opt["param_groups"]  # build_optimizer's groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert decay["exp_avg_dtype"] == "e4m3" and decay["exp_avg_sq_dtype"] == "float16"
+    assert opt["state"][0]["exp_avg"].dtype == torch.float8_e4m3fn
+    losses = [x[1] for x in _losses(straight)]
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.3, losses
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    step4 = load_checkpoint(straight / "checkpoints" / "step_000004.pt")
+    save_checkpoint(
+        {k: v for k, v in step4.items() if k not in ("format", "version")},
+        resumed / "checkpoints" / "latest.pt",
+    )
+    with pytest.raises(CheckpointError, match="optimizer 'adamw-lp'.*--optimizer adamw-lp"):
+        train(_cfg(micro, resumed, recipe="bf16", resume=True))
+    train(_cfg(micro, resumed, resume=True, **kw))
+    assert _losses(resumed) == _losses(straight)[4:]  # steps 5..8, bit for bit
+
+
 def test_eval_checkpoint_matches_training_eval(micro, tmp_path):
     out = tmp_path / "run"
     r = train(_cfg(micro, out, max_steps=3))
@@ -307,6 +332,8 @@ def test_config_validation():
         {"device": "tpu"},
         {"precision": "fp8"},
         {"resume": True},
+        {"optimizer": "sgd"},
+        {"parallel": "tp"},
     ):
         with pytest.raises(ConfigError):
             dataclasses.replace(TrainConfig(), **bad).validate()

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One device call on 2 GPUs (about 5 min; the timeouts add up to 9.5): the 125M model with
+# fp4-paper, 200 steps at global batch 8 x 1024, same seed, on 1 GPU, on 2 GPUs with DDP and
+# with FSDP2; the DDP run's step-100 checkpoint resumed on 1 GPU to step 200; then the CPU/gloo
+# parallel tests on this torch. Runs live in /tmp/dist_runs (checkpoints stay there and are
+# deleted); summaries and logs go to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 FP4TRAIN_CACHE=/tmp/fp4cache OMP_NUM_THREADS=8
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+RUNS=/tmp/dist_runs; rm -rf "$RUNS"; mkdir -p "$RUNS"
+python3 -c "import torch; print(torch.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())" | tee "$OUT/dist_env.txt"
+pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+TRAIN=(train --model 125m --recipe fp4-paper --max-steps 200 --batch-size 8 --seq-len 1024
+  --lr 6e-4 --seed 0 --eval-every 200 --eval-batches 10 --log-every 10 --no-progress)
+TORCHRUN=(python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m fp4train)
+
+CUDA_VISIBLE_DEVICES=0 timeout -k 10 130 python3 -m fp4train "${TRAIN[@]}" --ckpt-every 1000 \
+  --out "$RUNS/gpu1" 2>&1 | tail -n 8 | tee "$OUT/dist_gpu1.log"
+# the DDP run keeps its step-100 checkpoint (and step 200's) for the resume below
+timeout -k 10 120 "${TORCHRUN[@]}" "${TRAIN[@]}" --parallel ddp --ckpt-every 100 --keep-ckpts 2 \
+  --out "$RUNS/ddp2" 2>&1 | tail -n 8 | tee "$OUT/dist_ddp2.log"
+timeout -k 10 120 "${TORCHRUN[@]}" "${TRAIN[@]}" --parallel fsdp --ckpt-every 1000 \
+  --out "$RUNS/fsdp2" 2>&1 | tail -n 8 | tee "$OUT/dist_fsdp2.log"
+# resume the 2-GPU DDP checkpoint of step 100 on one GPU: as if the DDP run had stopped there
+mkdir -p "$RUNS/ddp2_resume1/checkpoints"
+cp "$RUNS/ddp2/checkpoints/step_000100.pt" "$RUNS/ddp2_resume1/checkpoints/latest.pt" \
+  && cp "$RUNS/ddp2/metrics.jsonl" "$RUNS/ddp2_resume1/"
+CUDA_VISIBLE_DEVICES=0 timeout -k 10 100 python3 -m fp4train "${TRAIN[@]}" --ckpt-every 1000 \
+  --out "$RUNS/ddp2_resume1" --resume 2>&1 | tail -n 8 | tee "$OUT/dist_resume.log"
+
+python3 - "$RUNS" "$OUT" <<'EOF' | tee "$OUT/dist_summary.md"
+import json, statistics, sys
+from pathlib import Path
+
+runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+labels = {
+    "gpu1": "1 GPU",
+    "ddp2": "2 GPUs, DDP",
+    "fsdp2": "2 GPUs, FSDP2",
+    "ddp2_resume1": "DDP step 100 -> 1 GPU to 200",
+}
+print("125M fp4-paper, 200 steps, global batch 8 x 1024, seed 0\n")
+print("| run | train loss (last 20) | loss @100 | loss @200 | val loss @200 | tokens/s (run) "
+      "| tokens/s (median, steps > 20) |")
+print("|---|---|---|---|---|---|---|")
+for name, label in labels.items():
+    d = runs / name
+    try:
+        final = json.loads((d / "eval.json").read_text())
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line]
+    except (OSError, ValueError) as e:
+        print(f"| {label} | failed: {type(e).__name__} | | | | | |")
+        continue
+    loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 20]
+    print(f"| {label} | {final['train_loss']:.4f} | {loss.get(100, float('nan')):.4f} | "
+          f"{loss.get(200, float('nan')):.4f} | {final['val_loss']:.4f} | "
+          f"{final['tokens_per_s']:,.0f} | {statistics.median(tps) if tps else 0:,.0f} |")
+    for f in ("metrics.jsonl", "eval.json", "config.json"):
+        if (d / f).is_file():
+            (out / f"dist_{name}_{f}").write_text((d / f).read_text())
+EOF
+
+# the parallel training tests (CPU, gloo) on this machine's torch
+CUDA_VISIBLE_DEVICES= timeout -k 10 100 python3 -m pytest -q -p no:cacheprovider \
+  -m "slow or not slow" tests/test_train_parallel.py 2>&1 | tail -n 15 | tee "$OUT/dist_tests.txt"
+du -sh "$RUNS" 2>/dev/null; rm -rf "$RUNS"

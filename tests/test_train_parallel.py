@@ -1,0 +1,307 @@
+"""`fp4train train --parallel ddp|fsdp` under torchrun on CPU (gloo, 2 processes): the same
+global batch gives the 1-process run's losses, checkpoints move between world sizes, and bad
+settings fail before any process group is joined.
+
+Each torchrun launch takes several seconds (three Python processes import torch), so the
+launched runs are module fixtures shared by the tests that read them.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fp4train.cli import main
+from fp4train.model import ModelConfig
+from fp4train.train import (
+    TrainConfig,
+    eval_checkpoint,
+    load_checkpoint,
+    read_metrics,
+    train,
+)
+
+WORDS = "one two three four five six seven eight nine ten red green blue up down".split()
+WORLD = 2
+RTOL = 2e-5  # float32 on CPU: only the order of the reductions differs
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A 2-layer dim-32 model, a small text and its prepared cache (so ranks only read it)."""
+    d = tmp_path_factory.mktemp("par")
+    rng = random.Random(7)
+    lines = [" ".join(rng.choices(WORDS, k=rng.randint(4, 14))) for _ in range(800)]
+    (d / "text.txt").write_text("\n".join(lines) + "\n")
+    ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16).to_json(
+        d / "micro.json"
+    )
+    from fp4train.data import prepare_data
+
+    prepare_data(str(d / "text.txt"), vocab_size=280, cache_dir=d / "cache")
+    return d
+
+
+def _settings(micro, **kw) -> dict:
+    """TrainConfig fields of the runs compared here (bf16: no batch-dependent scales)."""
+    base = dict(
+        model=str(micro / "micro.json"),
+        data=str(micro / "text.txt"),
+        vocab_size=280,
+        cache_dir=str(micro / "cache"),
+        recipe="bf16",
+        batch_size=4,
+        grad_accum=2,
+        max_steps=6,
+        eval_every=3,
+        eval_batches=2,
+        log_every=1,
+        ckpt_every=3,
+        keep_ckpts=2,
+        lr=3e-3,
+        device="cpu",
+        progress=False,
+    )
+    return base | kw
+
+
+def _argv(settings: dict) -> list[str]:
+    argv = []
+    for key, value in settings.items():
+        if key == "progress":
+            argv += [] if value else ["--no-progress"]
+        elif key == "out_dir":
+            argv += ["--out", str(value)]
+        elif value is True:
+            argv.append("--" + key.replace("_", "-"))
+        else:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    return argv
+
+
+def _torchrun(settings: dict, nproc: int = WORLD) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", "fp4train", "train", *_argv(settings)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _launch(settings: dict) -> None:
+    r = _torchrun(settings)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def _rows(out) -> tuple[list, list]:
+    rows = read_metrics(out)
+    train_rows = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows if "loss" in r]
+    return train_rows, [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+
+
+def _assert_same_run(got, want, rtol=RTOL):
+    (t_got, v_got), (t_want, v_want) = _rows(got), _rows(want)
+    assert [r[0] for r in t_got] == [r[0] for r in t_want]  # rank 0 alone logged
+    assert [r[0] for r in v_got] == [r[0] for r in v_want]
+    for a, b in zip(t_got, t_want, strict=True):
+        assert a[1] == pytest.approx(b[1], rel=rtol), f"step {a[0]} loss: {a[1]} vs {b[1]}"
+        assert a[2] == pytest.approx(b[2], rel=10 * rtol), f"step {a[0]} grad norm"
+        assert a[3] == b[3], f"step {a[0]} lr"
+    for a, b in zip(v_got, v_want, strict=True):
+        assert a[1] == pytest.approx(b[1], rel=rtol), f"step {a[0]} val loss: {a[1]} vs {b[1]}"
+
+
+@pytest.fixture(scope="module")
+def single(micro, tmp_path_factory):
+    """The 1-process reference run (in this process)."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(TrainConfig(**_settings(micro, out_dir=str(out))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(micro, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    _launch(_settings(micro, out_dir=out, parallel="ddp"))
+    return out
+
+
+# ---------------------------------------------------------------------------- ddp
+def test_ddp_equals_one_process_run(ddp_run, single):
+    _assert_same_run(ddp_run, single)
+    config = json.loads((ddp_run / "config.json").read_text())
+    assert (config["parallel"], config["world_size"]) == ("ddp", WORLD)
+    # the full state, keyed as a single process keys it: no "module." prefixes
+    a, b = load_checkpoint(ddp_run), load_checkpoint(single)
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert a["batcher"] == b["batcher"]  # the data position is global
+
+
+def test_ddp_checkpoint_resumes_on_one_process_and_evaluates(micro, ddp_run, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(ddp_run, out)
+    ckpts = out / "checkpoints"
+    shutil.copyfile(ckpts / "step_000003.pt", ckpts / "latest.pt")  # as if stopped at step 3
+    train(TrainConfig(**_settings(micro, out_dir=str(out), resume=True)))
+    _assert_same_run(out, ddp_run)
+    final = json.loads((ddp_run / "eval.json").read_text())
+    e = eval_checkpoint(
+        ddp_run, batch_size=4, max_batches=2, device="cpu", cache_dir=micro / "cache"
+    )
+    assert e["step"] == 6 and e["val_loss"] == pytest.approx(final["val_loss"], rel=RTOL)
+
+
+# ---------------------------------------------------------------------------- fsdp
+@pytest.fixture(scope="module")
+def fsdp_run(micro, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    _launch(_settings(micro, out_dir=out, parallel="fsdp"))
+    return out
+
+
+def test_fsdp_equals_one_process_run(fsdp_run, single):
+    _assert_same_run(fsdp_run, single)
+    a, b = load_checkpoint(fsdp_run), load_checkpoint(single)  # gathered from the shards
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_on_fsdp(micro, fsdp_run, tmp_path):
+    # the full checkpoint is scattered back into shards: bit for bit
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp_run, resumed)
+    shutil.copyfile(resumed / "checkpoints/step_000003.pt", resumed / "checkpoints/latest.pt")
+    _launch(_settings(micro, out_dir=resumed, parallel="fsdp", resume=True))
+    _assert_same_run(resumed, fsdp_run, rtol=0)
+
+
+# ---------------------------------------------------------------------------- more ddp
+@pytest.mark.slow
+def test_ddp_fp4_recipe_close_to_one_process(micro, tmp_path):
+    # FP4 scales over the local batch (dY columns in wgrad, the OCC quantile): close, not equal
+    kw = dict(recipe="fp4-paper", grad_accum=1, max_steps=3, ckpt_every=3)
+    _launch(_settings(micro, out_dir=tmp_path / "ddp", parallel="ddp", **kw))
+    train(TrainConfig(**_settings(micro, out_dir=str(tmp_path / "one"), **kw)))
+    _assert_same_run(tmp_path / "ddp", tmp_path / "one", rtol=5e-3)
+
+
+@pytest.mark.slow
+def test_ddp_low_precision_adamw_trains_and_resumes(micro, tmp_path):
+    kw = dict(optimizer="adamw-lp", max_steps=8, ckpt_every=4, eval_every=4)
+    out = tmp_path / "lp"
+    _launch(_settings(micro, out_dir=out, parallel="ddp", **kw))
+    losses = [r[1] for r in _rows(out)[0]]
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.3, losses
+    state = load_checkpoint(out)["optimizer"]["state"][0]
+    assert state["exp_avg"].dtype == torch.float8_e4m3fn
+    assert state["sqrt_exp_avg_sq"].dtype == torch.float16
+    # resume from step 4 on 2 processes (bit for bit) and on 1 (float32 rounding apart)
+    for name, launch in (("two", _launch), ("one", None)):
+        resumed = tmp_path / name
+        shutil.copytree(out, resumed)
+        shutil.copyfile(resumed / "checkpoints/step_000004.pt", resumed / "checkpoints/latest.pt")
+        settings = _settings(micro, out_dir=resumed, resume=True, **kw)
+        if launch is not None:
+            launch(settings | {"parallel": "ddp"})
+        else:
+            train(TrainConfig(**settings | {"out_dir": str(resumed)}))
+        _assert_same_run(resumed, out, rtol=0 if launch else 1e-4)
+
+
+@pytest.mark.slow
+def test_fp8_grad_comm_ddp_close_to_float32(micro, ddp_run, tmp_path):
+    out = tmp_path / "fp8comm"
+    _launch(_settings(micro, out_dir=out, parallel="ddp") | {"set": "grad_comm=e5m2"})
+    (t_fp8, _), (t_ref, _) = _rows(out), _rows(ddp_run)
+    assert t_fp8[0][1] == t_ref[0][1]  # same forward before the first update
+    for a, b in zip(t_fp8[1:], t_ref[1:], strict=True):
+        assert a[1] != b[1] and a[1] == pytest.approx(b[1], rel=2e-2), (a, b)
+
+
+@pytest.mark.slow
+def test_divergence_stops_every_rank_at_the_same_step(micro, tmp_path):
+    out = tmp_path / "nan"
+    kw = dict(lr=1e3, grad_clip=0, warmup_frac=0, grad_accum=1, max_steps=30, ckpt_every=2)
+    r = _torchrun(_settings(micro, out_dir=out, parallel="ddp", **kw))
+    assert r.returncode != 0
+    # each rank says so (the two lines may interleave in the shared stderr)
+    steps = re.findall(r"\[rank \d\]: error: training diverged at step (\d+)", r.stderr)
+    assert len(steps) == WORLD and len(set(steps)) == 1, r.stderr[-3000:]
+    last = read_metrics(out)[-1]
+    assert last["nonfinite"] and last["step"] == int(steps[0])
+    assert load_checkpoint(out)["step"] < last["step"]
+
+
+# ---------------------------------------------------------------------------- bad settings
+@pytest.mark.parametrize(
+    "world, extra, needle",
+    [
+        (2, ["--batch-size", "3"], "must be divisible by the 2 processes"),
+        (None, ["--parallel", "ddp"], "needs a torchrun launch"),
+        (2, ["--parallel", "none"], "each would train the same model"),
+        (2, ["--parallel", "fsdp", "--set", "grad_comm=e5m2"], "works with --parallel ddp only"),
+        (2, ["--parallel", "fsdp", "--optimizer", "adamw-lp"], "does not support --parallel fsdp"),
+        (None, ["--parallel", "tp"], "invalid choice: 'tp'"),
+        (None, ["--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    ],
+)
+def test_bad_parallel_settings_exit_2_before_joining(
+    micro, monkeypatch, capsys, world, extra, needle
+):
+    # the checks run before any process group exists: one process holding torchrun's
+    # variables stands for a rank
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+    settings = _settings(micro, out_dir=micro / "never")
+    assert main(["train", *_argv(settings), *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    if world is not None:
+        assert err.startswith("fp4train train [rank 1]: error:")
+    assert not dist.is_initialized()
+    assert not (micro / "never").exists()
+
+
+def test_torchrun_needs_an_output_directory(micro, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["train", *_argv(_settings(micro))]) == 2
+    assert "name the output directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bad_setting_under_torchrun_names_rank(micro, tmp_path):
+    r = _torchrun(_settings(micro, out_dir=tmp_path / "x", batch_size=3, parallel="ddp"))
+    assert r.returncode != 0
+    assert "fp4train train [rank 1]: error: batch_size 3" in r.stderr, r.stderr[-2000:]
+    assert "exitcode  : 2" in r.stderr
+    assert not (tmp_path / "x").exists()
