@@ -343,6 +343,35 @@ def _host_ms(recipe: str, iters: int = 200) -> float:
     return (time.perf_counter() - t) / iters * 1e3
 
 
+def _graphed_step(fwd, opt, idx):
+    """The training step captured in one CUDA graph (PyTorch's whole-network capture recipe);
+    returns its ``replay``, or None when capture fails (a host sync in the step)."""
+
+    def body():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = fwd(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)  # backward allocates .grad inside the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            body()
+    except Exception as e:  # reported as a NaN row
+        print(f"CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
 def bench_step(
     models=("125m", "1.3b"),
     recipes=("bf16", "fp4-dge", "fp4-paper"),
@@ -351,11 +380,15 @@ def bench_step(
     steps: int = 10,
     compile: bool = False,
     optimizers=("adamw",),
+    cuda_graph: bool = False,
 ) -> list[dict]:
     """Tokens/s and peak memory of a training step (fwd + bwd + optimizer, bf16 autocast).
 
     ``optimizers``: ``"adamw"`` (torch's fused AdamW, float32 states) and/or ``"adamw-lp"``
     (:class:`fp4train.optim.LowPrecisionAdamW`: FP8 first moment, FP16 second).
+    ``cuda_graph``: capture the whole step (fwd, bwd, fused AdamW with ``capturable=True``) in
+    one CUDA graph and time its replays: the GPU time without Python and launch overhead.
+    Needs ``"adamw"`` and a recipe without host syncs (OCC syncs: those rows are NaN).
     """
     from fp4train.convert import convert
     from fp4train.model import LLaMA, get_config
@@ -366,18 +399,23 @@ def bench_step(
     for o in optimizers:
         if o not in ("adamw", "adamw-lp"):
             raise ValueError(f"optimizer must be adamw or adamw-lp, got {o!r}")
+        if cuda_graph and o != "adamw":
+            raise ValueError(f"cuda_graph needs the capturable fused AdamW ('adamw'), not {o!r}")
     rows = []
     for model_name in models:
         base_tps = None
         for name, opt_name in [(r, o) for r in recipes for o in optimizers]:
             torch.manual_seed(0)
             cfg = get_config(model_name, vocab_size=32000)
-            model = LLaMA(cfg).cuda()
+            with torch.device("cuda"):  # initialise on the GPU: seconds, not a minute
+                model = LLaMA(cfg)
             if name != "bf16":
                 convert(model, Recipe.preset(name).replace(backend="triton"))
             fwd = torch.compile(model) if compile else model
             if opt_name == "adamw":
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+                opt = torch.optim.AdamW(
+                    model.parameters(), lr=1e-4, fused=True, capturable=cuda_graph
+                )
             else:
                 opt = LowPrecisionAdamW(model.parameters(), lr=1e-4)
             idx = torch.randint(0, 32000, (batch, seq + 1), device="cuda")
@@ -389,6 +427,11 @@ def bench_step(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
+            if cuda_graph:
+                step = _graphed_step(fwd, opt, idx) or (lambda: None)
+                ok = step.__name__ != "<lambda>"
+            else:
+                ok = True
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
@@ -399,7 +442,7 @@ def bench_step(
                 step()
             end.record()
             torch.cuda.synchronize()
-            ms = start.elapsed_time(end) / steps
+            ms = start.elapsed_time(end) / steps if ok else float("nan")
             tps = batch * seq / ms * 1e3
             base_tps = base_tps or tps
             rows.append(
@@ -413,6 +456,9 @@ def bench_step(
                     peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 )
             )
+            r = rows[-1]
+            print(f"step {model_name} {name} {opt_name}: {r['ms']:.1f} ms, "
+                  f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.1f} GiB", flush=True)
             del model, fwd, opt, step
             torch.cuda.empty_cache()
     return rows
@@ -477,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="also time each fwd+bwd replayed from a CUDA graph, no launch overhead (linear)",
+        help="linear: also time each fwd+bwd replayed from a CUDA graph; step: capture the "
+        "whole training step in a CUDA graph (no launch overhead; fused AdamW only)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (step)")
     p.add_argument(
@@ -527,11 +574,13 @@ def main(argv: list[str] | None = None) -> int:
             args.seq,
             compile=args.compile,
             optimizers=args.optimizers,
+            cuda_graph=args.cuda_graph,
         )
         out.append(
             _header(
                 f"training step, batch {args.batch} x seq {args.seq}"
                 f"{', compiled' if args.compile else ''}"
+                f"{', one CUDA graph per step' if args.cuda_graph else ''}"
             )
             + "\n"
             + format_table(rows)
