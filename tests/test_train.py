@@ -251,6 +251,21 @@ def test_outputs_and_refusals(micro, tmp_path):
         train(_cfg(micro, out, max_steps=4, recipe="bf16", resume=True))
 
 
+def test_tensorboard_event_files_hold_the_logged_scalars(micro, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(_cfg(micro, out, max_steps=4, log_every=1))
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert {"loss", "lr", "tokens_per_s", "val_loss"} <= set(acc.Tags()["scalars"])
+    logged = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    tb = {e.step: e.value for e in acc.Scalars("loss")}
+    assert tb.keys() == logged.keys()
+    assert all(tb[k] == pytest.approx(logged[k], rel=1e-6) for k in logged)
+
+
 def test_mismatched_state_dict_is_refused(micro, tmp_path):
     out = tmp_path / "run"
     train(_cfg(micro, out, max_steps=2, recipe="bf16"))
