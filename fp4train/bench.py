@@ -457,8 +457,11 @@ def bench_step(
                 )
             )
             r = rows[-1]
-            print(f"step {model_name} {name} {opt_name}: {r['ms']:.1f} ms, "
-                  f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.1f} GiB", flush=True)
+            print(
+                f"step {model_name} {name} {opt_name}: {r['ms']:.1f} ms, "
+                f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.1f} GiB",
+                flush=True,
+            )
             del model, fwd, opt, step
             torch.cuda.empty_cache()
     return rows

@@ -177,7 +177,7 @@ def check_clamp_and_residual_columns(g):
         if cols_k.shape != (96,) or r_k.shape != (40, 96):
             raise AssertionError(f"padded outputs {tuple(cols_k.shape)}, {tuple(r_k.shape)}")
         cols, r_c = kocc.outlier_columns(cols_k, r_k)
-        if not (cols_k[cols.numel():] == -1).all():
+        if not (cols_k[cols.numel() :] == -1).all():
             raise AssertionError(f"{granularity}: padding of cols {cols_k.tolist()}")
         r = x.float() - torch.clamp(x.float(), lo.reshape(-1, 1), hi.reshape(-1, 1))
         if not torch.equal(cols, r.abs().amax(0).nonzero().squeeze(1)):
