@@ -2,41 +2,33 @@
 
 import json
 import math
-import random
 import subprocess
 import sys
 import types
 
 import pytest
-import torch
+from conftest import write_micro_run
 
 from fp4train import cli
 from fp4train.cli import main
-from fp4train.model import LLaMA, ModelConfig
+from fp4train.model import LLaMA
 from fp4train.train import read_metrics
 
 WORDS = "and it came to pass that the people went up unto the city of light".split()
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # micro models run fastest on one thread, above all on a shared, loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    rng = random.Random(99)
-    lines = [" ".join(rng.choices(WORDS, k=rng.randint(4, 14))) for _ in range(1000)]
-    (d / "text.txt").write_text("\n".join(lines) + "\n")
-    (d / "empty.txt").write_text("  \n")
-    ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_hidden=64, max_seq_len=16).to_json(
-        d / "micro.json"
+    write_micro_run(
+        d, WORDS, 1000, 99, dim=32, n_layers=1, n_heads=2, ffn_hidden=64, max_seq_len=16
     )
+    (d / "empty.txt").write_text("  \n")
     return d
 
 

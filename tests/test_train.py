@@ -3,11 +3,11 @@
 import dataclasses
 import json
 import math
-import random
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_micro_run
 
 from fp4train import Recipe
 from fp4train import train as train_mod
@@ -35,25 +35,17 @@ WORDS = (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # micro models run fastest on one thread, above all on a shared, loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """A 2-layer dim-64 model config, a small seeded text file and a shared data cache."""
     d = tmp_path_factory.mktemp("micro")
-    rng = random.Random(1234)
-    lines = [" ".join(rng.choices(WORDS, k=rng.randint(4, 14))) for _ in range(1500)]
-    (d / "text.txt").write_text("\n".join(lines) + "\n")
-    ModelConfig(dim=64, n_layers=2, n_heads=2, ffn_hidden=128, max_seq_len=32).to_json(
-        d / "micro.json"
+    return write_micro_run(
+        d, WORDS, 1500, 1234, dim=64, n_layers=2, n_heads=2, ffn_hidden=128, max_seq_len=32
     )
-    return d
 
 
 def _cfg(micro, out, **kw) -> TrainConfig:

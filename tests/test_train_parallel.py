@@ -8,7 +8,6 @@ launched runs are module fixtures shared by the tests that read them.
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -17,9 +16,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import write_micro_run
 
 from fp4train.cli import main
-from fp4train.model import ModelConfig
 from fp4train.train import (
     TrainConfig,
     eval_checkpoint,
@@ -36,23 +35,15 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distri
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """A 2-layer dim-32 model, a small text and its prepared cache (so ranks only read it)."""
     d = tmp_path_factory.mktemp("par")
-    rng = random.Random(7)
-    lines = [" ".join(rng.choices(WORDS, k=rng.randint(4, 14))) for _ in range(800)]
-    (d / "text.txt").write_text("\n".join(lines) + "\n")
-    ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16).to_json(
-        d / "micro.json"
-    )
+    write_micro_run(d, WORDS, 800, 7, dim=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16)
     from fp4train.data import prepare_data
 
     prepare_data(str(d / "text.txt"), vocab_size=280, cache_dir=d / "cache")
