@@ -30,6 +30,8 @@ CHECKS = [
     "dge_weight_grad",
     "linear_matches_reference",
     "compiled_model_matches_eager",
+    "stochastic_rounding",
+    "linear_stochastic_recipe",
     "rejects_bad_input",
 ]
 
@@ -272,6 +274,87 @@ def check_compiled_model_matches_eager(g):
         lin._use_triton = use_triton
 
 
+def check_stochastic_rounding(g):
+    """Each value lands on one of the two grid neighbours of x / s (same scales as nearest),
+    the same seed gives the same bits, and the mean over seeds is unbiased."""
+    from fp4train.kernels import quantize as kq
+
+    x = (torch.randn(24, 160, generator=g) * 3).bfloat16()
+    nearest = kq.quantize_rows(x, "e2m1", store_qt=True)
+    s = nearest[1][:24, None]
+    u = x.float() / s  # exact for these scales up to the float32 rounding the kernel shares
+    grid = torch.tensor(sorted({*(-v for v in (0, .5, 1, 1.5, 2, 3, 4, 6)), 0, .5, 1, 1.5, 2,
+                                3, 4, 6}))  # fmt: skip
+    idx = torch.searchsorted(grid, u.contiguous().clamp(-6, 6))
+    up, down = grid[idx.clamp(max=len(grid) - 1)], grid[(idx - 1).clamp(min=0)]
+    acc = torch.zeros(24, 160, dtype=torch.float64)
+    n = 64
+    for seed in range(n):
+        q, sc, q_t, _ = kq.quantize_rows(x, "e2m1", store_qt=True, stochastic=True, seed=seed)
+        if not torch.equal(sc, nearest[1]):
+            raise AssertionError("stochastic rounding changed the scales")
+        if not torch.equal(q_t.t(), q):
+            raise AssertionError("the two layouts disagree")
+        v = q[:24].float()
+        if not ((v == up) | (v == down)).all():
+            raise AssertionError("a value left its two grid neighbours")
+        acc += v.double()
+        if seed == 0:
+            again = kq.quantize_rows(x, "e2m1", stochastic=True, seed=0)[0]
+            if not torch.equal(again.view(torch.uint8), q.view(torch.uint8)):
+                raise AssertionError("same seed, different bits")
+    # E[q] = u; per element the variance is at most step**2 / 4 (step <= 2 for E2M1), so the
+    # mean over n draws has standard error <= 1 / sqrt(n): test the average over all elements
+    bias = (acc / n - u.double()).mean().abs().item()
+    err = (acc / n - u.double()).abs().max().item()
+    if not bias < 0.02 or not err < 6 / n**0.5:
+        raise AssertionError(f"biased: mean error {bias:.3g}, max {err:.3g}")
+    other = kq.quantize_rows(x, "e2m1", stochastic=True, seed=1)[0]
+    if torch.equal(other.view(torch.uint8), q.view(torch.uint8)):
+        raise AssertionError("different seeds gave the same bits")
+    # dY's two operands: each stochastic, from one pass
+    dy = torch.randn(24, 48, generator=g).bfloat16()
+    s_w, s_x = torch.rand(48, generator=g) + 0.5, torch.rand(24, generator=g) + 0.5
+    a = kq.quantize_rowwise_and_colwise(dy, "e5m2", "e5m2", s_w, s_x, True, True, True, True, 5)
+    b = kq.quantize_rowwise_and_colwise(dy, "e5m2", "e5m2", s_w, s_x)
+    for i in (1, 3):
+        if not torch.equal(a[i], b[i]):
+            raise AssertionError("scales of dY changed under stochastic rounding")
+    if torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)):
+        raise AssertionError("row operand of dY not stochastically rounded")
+
+
+def check_linear_stochastic_recipe(g):
+    """The triton path runs recipes with stochastic rounding: repeatable under
+    torch.manual_seed, and averaged over draws close to the reference path's nearest-rounded
+    product's expectation (the exact product)."""
+    from fp4train import kernels
+    from fp4train.recipe import Recipe
+
+    recipe = Recipe.preset("fp4-dge").replace(rounding="stochastic")
+    x = torch.randn(32, 64, generator=g).bfloat16()
+    w = torch.randn(48, 64, generator=g) * 0.05
+    dy = torch.randn(32, 48, generator=g).bfloat16()
+    torch.manual_seed(3)
+    y1, saved = kernels.linear_forward(x, w, recipe)
+    dx1, dw1 = kernels.linear_backward(saved, dy, w, recipe, True, True)
+    torch.manual_seed(3)
+    y2, saved = kernels.linear_forward(x, w, recipe)
+    dx2, dw2 = kernels.linear_backward(saved, dy, w, recipe, True, True)
+    for a, b in ((y1, y2), (dx1, dx2), (dw1, dw2)):
+        if not torch.equal(a, b):
+            raise AssertionError("not repeatable under torch.manual_seed")
+    exact = x.float() @ w.t()
+    n = 24
+    mean = sum(kernels.linear_forward(x, w, recipe)[0].float() for _ in range(n)) / n
+    near = kernels.linear_forward(x, w, Recipe.preset("fp4-dge"))[0].float()
+    e_mean = ((mean - exact).norm() / exact.norm()).item()
+    e_near = ((near - exact).norm() / exact.norm()).item()
+    # one draw is noisier than nearest; the mean of n unbiased draws is closer than nearest
+    if not e_mean < e_near:
+        raise AssertionError(f"mean of {n} draws error {e_mean:.3g} >= nearest {e_near:.3g}")
+
+
 def check_rejects_bad_input(g):
     from fp4train import kernels
     from fp4train.kernels import quantize as kq
@@ -290,9 +373,10 @@ def check_rejects_bad_input(g):
     raises(lambda: kq.quantize_rows(x, "e3m2"), ValueError, "e3m2")
     raises(lambda: kq.quantize_rows(x.t(), "e2m1"), ValueError, "unit stride")
     raises(lambda: kq.quantize_rows(x, "e2m1", col_scale=torch.ones(31)), ValueError, "32")
-    stochastic = Recipe.preset("fp4-dge").replace(rounding="stochastic")
+    raises(lambda: kq.quantize_rows(x, "e2m1", stochastic=True, seed=-1), ValueError, "seed")
+    tensorwise = Recipe.preset("fp4-dge").replace(fwd_granularity="tensor")
     raises(
-        lambda: kernels.linear_forward(x, torch.randn(16, 32), stochastic),
+        lambda: kernels.linear_forward(x, torch.randn(16, 32), tensorwise),
         NotImplementedError,
         "backend='reference'",
     )

@@ -55,8 +55,6 @@ def check_supported(recipe: Recipe, in_features: int, out_features: int) -> str 
                 f"{op} = {spec.format} {spec.granularity}: the triton backend supports "
                 f"{'/'.join(allowed)} {want}-wise only"
             )
-        if spec.rounding != "nearest":
-            return f"{op} rounding {spec.rounding!r}: the triton backend rounds to nearest only"
     for op in ("dgrad_w", "wgrad_x"):
         if not recipe.operand(op).reuse_fwd:
             return f"{op} must reuse the forward's quantized tensor (format 'fwd')"
@@ -130,6 +128,14 @@ def _(a, b_t, scale_a, scale_b, out_dtype=torch.bfloat16):
     return a.new_empty((a.shape[0], b_t.shape[0]), dtype=out_dtype)
 
 
+def _seed(recipe: Recipe, ops: tuple[str, ...]) -> int:
+    """A Philox seed from torch's default generator when one of ``ops`` rounds stochastically
+    (so ``torch.manual_seed`` makes runs repeatable), else 0 without drawing."""
+    if any(recipe.operand(op).rounding == "stochastic" for op in ops):
+        return int(torch.randint(0, 2**30, ()))
+    return 0
+
+
 def linear_forward(
     x2d: torch.Tensor, weight: torch.Tensor, recipe: Recipe
 ) -> tuple[torch.Tensor, tuple]:
@@ -146,8 +152,15 @@ def linear_forward(
     if occ is not None:
         lo, hi = occ_thresholds(x2d, occ.alpha, occ.granularity)
     # q_x [Mp,K] + q_x_t [K,Mp]; with OCC the clamped X and its residual's column amax
-    q_x, s_x, q_x_t, r_amax = quantize_rows(x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True)
-    q_w, s_w, q_w_t, _ = quantize_rows(weight, fw, store_q=True, store_qt=True)
+    seed = _seed(recipe, ("fwd_x", "fwd_w"))
+    sr_x = recipe.fwd_x.rounding == "stochastic"
+    sr_w = recipe.fwd_w.rounding == "stochastic"
+    q_x, s_x, q_x_t, r_amax = quantize_rows(
+        x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True, stochastic=sr_x, seed=seed
+    )
+    q_w, s_w, q_w_t, _ = quantize_rows(
+        weight, fw, store_q=True, store_qt=True, stochastic=sr_w, seed=seed + 2
+    )
     # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
     y = scaled_mm_rowwise(q_x, q_w, s_x, s_w)[:m]
     cols = r_c = None
@@ -175,8 +188,10 @@ def linear_backward(
     # dY·diag(s_w) per row (dgrad; W's scale sits on the reduction dim N) and diag(s_x)·dY per
     # column (wgrad; X's scale sits on the reduction dim M), from one pass over dY
     q_dy, s_dy, q_dy2_t, s_dy2 = quantize_rowwise_and_colwise(
-        dy2d, recipe.dgrad_dy.format, recipe.wgrad_dy.format, s_w, s_x[:m], need_dx, need_dw
-    )
+        dy2d, recipe.dgrad_dy.format, recipe.wgrad_dy.format, s_w, s_x[:m], need_dx, need_dw,
+        recipe.dgrad_dy.rounding == "stochastic", recipe.wgrad_dy.rounding == "stochastic",
+        _seed(recipe, ("dgrad_dy", "wgrad_dy")),
+    )  # fmt: skip
     if need_dx:
         # dgrad: dX = (q_dy·s_dy) · q_w   [Mp,N] @ [N,K] -> [Mp,K]
         dx = scaled_mm_rowwise(q_dy, q_w_t, s_dy, None)[:m]

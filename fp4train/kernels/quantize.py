@@ -3,7 +3,8 @@
 The numbers are those of :func:`fp4train.quantize.quantize` bit for bit: the scale is
 ``max(amax / fmt.max, 2**-126)`` (1 for an all-zero vector) in float32, each value is divided by
 it with correctly rounded division (see below; Triton's ``/`` may be approximate) and rounded
-to nearest-even on the format grid by explicit float32 arithmetic, saturating at ±max. Only
+to nearest-even (or stochastically, with Philox noise from a seed) on the format grid by
+explicit float32 arithmetic, saturating at ±max. Only
 then is it cast to float8, which is exact: every E2M1 and E4M3 value is an ``float8_e4m3fn``
 value, every E5M2 value a ``float8_e5m2`` value. So the GPU and the Triton interpreter give the
 same bits, whatever the hardware cast's rounding. (They match the reference run on the CPU: on
@@ -122,9 +123,16 @@ def div_by_scale(v, s, r):
 
 @triton.jit
 def _round_to_grid(
-    u, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr
+    u,
+    MBITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    EMAX: tl.constexpr,
+    FMAX: tl.constexpr,
+    noise=None,
+    STOCHASTIC: tl.constexpr = False,
 ):
-    """Round float32 ``u`` to nearest-even on the grid, saturating at ±FMAX (NaN stays NaN).
+    """Round float32 ``u`` to nearest-even on the grid, saturating at ±FMAX (NaN stays NaN);
+    with ``STOCHASTIC``, up with probability frac (``noise`` uniform in [0, 1), u's shape).
 
     The same arithmetic as ``fp4train.formats.round_to_format``: the grid step in u's binade
     (binades below the smallest normal share its step) is 2**(e - MBITS); u / step is exact and
@@ -139,7 +147,12 @@ def _round_to_grid(
     inv_step = ((127 + MBITS - e) << 23).to(tl.float32, bitcast=True)
     step = ((127 - MBITS + e) << 23).to(tl.float32, bitcast=True)
     y = mag * inv_step
-    y = (y + 8388608.0) - 8388608.0
+    if STOCHASTIC:
+        # up with probability frac(y), as ``round_to_format(..., "stochastic")``: unbiased
+        f = tl.floor(y)
+        y = tl.where(noise < y - f, f + 1.0, f)
+    else:
+        y = (y + 8388608.0) - 8388608.0
     q = tl.minimum(y * step, FMAX)
     out = (q.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(u != u, u, out)
@@ -320,6 +333,9 @@ def _quantize_tile_kernel(
     MBITS2: tl.constexpr,
     MIN_EXP2: tl.constexpr,
     EMAX2: tl.constexpr,
+    seed,  # Philox seed of the row-scaled operand (SR1); seed + 1 for the column-scaled one
+    SR1: tl.constexpr,  # stochastic rounding of the row-scaled operand
+    SR2: tl.constexpr,  # ... of the column-scaled operand
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -337,7 +353,10 @@ def _quantize_tile_kernel(
     if STORE_Q or STORE_QT:
         s = tl.load(s_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
         r = tl.load(r_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
-        q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX)
+        noise = None
+        if SR1:
+            noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
+        q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX, noise, SR1)
         if STORE_Q:
             tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
                      q.to(q_ptr.dtype.element_ty), mask=omask)  # fmt: skip
@@ -347,7 +366,12 @@ def _quantize_tile_kernel(
         rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
         s2 = tl.load(s_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
         r2 = tl.load(r_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
-        q2 = _round_to_grid(div_by_scale(x * rowmul, s2, r2), MBITS2, MIN_EXP2, EMAX2, FMAX2)
+        noise2 = None
+        if SR2:
+            noise2 = tl.rand(seed + 1, rows[:, None] * K + cols[None, :])
+        q2 = _round_to_grid(
+            div_by_scale(x * rowmul, s2, r2), MBITS2, MIN_EXP2, EMAX2, FMAX2, noise2, SR2
+        )
         tl.store(q2t_ptr + offs_t, q2.to(q2t_ptr.dtype.element_ty), mask=omask)
 
 
@@ -390,8 +414,18 @@ def _quantize(
     hi: torch.Tensor | None,
     store_q: bool,
     store_qt: bool,
+    sr_row: bool = False,
+    sr_col: bool = False,
+    seed: int = 0,
 ):
-    """The three launches; returns (q, s_row [Mp], q_t, q2_t, s_col [K], col_amax [K])."""
+    """The three launches; returns (q, s_row [Mp], q_t, q2_t, s_col [K], col_amax [K]).
+
+    ``sr_row`` / ``sr_col``: stochastic rounding of the row- / column-scaled operand, with
+    Philox noise from ``seed`` (``seed + 1`` for the column operand) indexed by the element's
+    position ``row · K + col`` (in int32: tensors beyond 2**31 elements reuse noise).
+    """
+    if not isinstance(seed, int) or not 0 <= seed < 2**31 - 1:
+        raise ValueError(f"seed must be an int in [0, 2**31 - 1), got {seed!r}")
     _check_2d(x, "x")
     m, k = x.shape
     mp = padded_rows(m)
@@ -464,7 +498,8 @@ def _quantize(
             q_t if rows and store_qt else dummy8, q2_t if cols else dummy8, m, mp, k,
             CLAMP_PER_ROW=per_row, STORE_Q=rows and store_q, STORE_QT=rows and store_qt,
             STORE_COL=cols, **flags, **c1, FMAX2=c2["FMAX"], MBITS2=c2["MBITS"],
-            MIN_EXP2=c2["MIN_EXP"], EMAX2=c2["EMAX"], **t,
+            MIN_EXP2=c2["MIN_EXP"], EMAX2=c2["EMAX"], seed=seed, SR1=rows and sr_row,
+            SR2=cols and sr_col, **t,
         )  # fmt: skip
     return q, s_row, q_t, q2_t, s_col, col_amax
 
@@ -478,6 +513,8 @@ def quantize_rows(
     hi: torch.Tensor | None = None,
     store_q: bool = True,
     store_qt: bool = False,
+    stochastic: bool = False,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize each row of ``x`` [M, K] to ``fmt``: ``(q, scale, q_t, resid_col_amax)``.
 
@@ -486,17 +523,20 @@ def quantize_rows(
     q [Mp, K] in ``FP8_DTYPE[fmt]`` (``store_q``), scale [Mp] float32, q_t = qᵀ [K, Mp]
     (``store_qt``), with Mp = M rounded up to 16 (zero rows, scale 1). Absent outputs are empty.
     When clamping, ``resid_col_amax`` [K] is the per-column amax of the residual
-    |x − clamp(x)| (nonzero marks a column holding an outlier), else empty.
+    |x − clamp(x)| (nonzero marks a column holding an outlier), else empty. ``stochastic``
+    rounds up with probability equal to the fractional distance (unbiased), with Philox noise
+    from ``seed``: the same seed gives the same bits.
     """
     if fmt not in FP8_DTYPE:
         raise ValueError(f"the triton kernels quantize to {sorted(FP8_DTYPE)}, not {fmt!r}")
     q, s, q_t, _, _, col_amax = _quantize(x, fmt, None, col_scale, None, lo, hi, store_q,
-                                          store_qt)  # fmt: skip
+                                          store_qt, stochastic, False, seed)  # fmt: skip
     return q, s, q_t, col_amax
 
 
 @quantize_rows.op.register_fake
-def _(x, fmt, col_scale=None, lo=None, hi=None, store_q=True, store_qt=False):
+def _(x, fmt, col_scale=None, lo=None, hi=None, store_q=True, store_qt=False, stochastic=False,
+      seed=0):  # fmt: skip
     m, k = x.shape
     mp = padded_rows(m)
     fp8 = FP8_DTYPE[fmt]
@@ -517,6 +557,9 @@ def quantize_rowwise_and_colwise(
     row_scale: torch.Tensor,
     need_row: bool = True,
     need_col: bool = True,
+    stochastic_row: bool = False,
+    stochastic_col: bool = False,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both backward operands of dY [M, N] from one pass: ``(q_row, s_row, q_col_t, s_col)``.
 
@@ -525,20 +568,24 @@ def quantize_rowwise_and_colwise(
     ``x.float() * row_scale[:, None]`` ([M]; wgrad folds X's scale into dY's rows), one scale
     per column -> q_col_t [N, Mp] (transposed) in ``FP8_DTYPE[col_fmt]``, s_col [N]. Mp is M
     rounded up to 16 (zero rows). ``need_row`` / ``need_col`` False leave that pair empty.
+    ``stochastic_row`` / ``stochastic_col``: stochastic rounding of that operand (Philox noise
+    from ``seed`` for the row operand, ``seed + 1`` for the column one).
     """
     for f in (row_fmt, col_fmt):
         if f not in FP8_DTYPE:
             raise ValueError(f"the triton kernels quantize to {sorted(FP8_DTYPE)}, not {f!r}")
     q, s_row, _, q2_t, s_col, _ = _quantize(
         x, row_fmt if need_row else None, col_fmt if need_col else None, col_scale,
-        row_scale if need_col else None, None, None, True, False,
+        row_scale if need_col else None, None, None, True, False, stochastic_row,
+        stochastic_col, seed,
     )  # fmt: skip
     # absent outputs keep their format's dtype, as the fake implementation says
     return q.view(FP8_DTYPE[row_fmt]), s_row, q2_t.view(FP8_DTYPE[col_fmt]), s_col
 
 
 @quantize_rowwise_and_colwise.op.register_fake
-def _(x, row_fmt, col_fmt, col_scale, row_scale, need_row=True, need_col=True):
+def _(x, row_fmt, col_fmt, col_scale, row_scale, need_row=True, need_col=True,
+      stochastic_row=False, stochastic_col=False, seed=0):  # fmt: skip
     m, n = x.shape
     mp = padded_rows(m)
     return (
