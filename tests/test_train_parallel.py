@@ -118,6 +118,17 @@ def _assert_same_run(got, want, rtol=RTOL):
         assert a[1] == pytest.approx(b[1], rel=rtol), f"step {a[0]} val loss: {a[1]} vs {b[1]}"
 
 
+def _assert_same_full_state(run, reference) -> tuple[dict, dict]:
+    """The checkpoints of two runs hold the same model (to float32 rounding) under the same
+    keys, and optimizer state for the same parameters; returns both checkpoints."""
+    a, b = load_checkpoint(run), load_checkpoint(reference)
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    return a, b
+
+
 @pytest.fixture(scope="module")
 def single(micro, tmp_path_factory):
     """The 1-process reference run (in this process)."""
@@ -139,12 +150,8 @@ def test_ddp_equals_one_process_run(ddp_run, single):
     config = json.loads((ddp_run / "config.json").read_text())
     assert (config["parallel"], config["world_size"]) == ("ddp", WORLD)
     # the full state, keyed as a single process keys it: no "module." prefixes
-    a, b = load_checkpoint(ddp_run), load_checkpoint(single)
-    assert a["model"].keys() == b["model"].keys()
-    for k, v in b["model"].items():
-        torch.testing.assert_close(a["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    a, b = _assert_same_full_state(ddp_run, single)
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     assert a["batcher"] == b["batcher"]  # the data position is global
 
 
@@ -172,11 +179,7 @@ def fsdp_run(micro, tmp_path_factory):
 
 def test_fsdp_equals_one_process_run(fsdp_run, single):
     _assert_same_run(fsdp_run, single)
-    a, b = load_checkpoint(fsdp_run), load_checkpoint(single)  # gathered from the shards
-    assert a["model"].keys() == b["model"].keys()
-    for k, v in b["model"].items():
-        torch.testing.assert_close(a["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    _assert_same_full_state(fsdp_run, single)  # gathered from the shards
 
 
 @pytest.mark.slow
