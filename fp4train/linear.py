@@ -229,10 +229,8 @@ class _FP4LinearFn(torch.autograd.Function):
             )
         else:
             dx, dw = reference_backward(tuple(saved), dy2d, weight, ctx.recipe, need_dx, need_dw)
-        if dx is not None and dx.dtype != ctx.x_dtype:
-            dx = dx.to(ctx.x_dtype)
-        if dw is not None and dw.dtype != weight.dtype:
-            dw = dw.to(weight.dtype)
+        dx = dx.to(ctx.x_dtype) if dx is not None else None
+        dw = dw.to(weight.dtype) if dw is not None else None
         return dx, dw, None, None, None
 
 

@@ -128,10 +128,14 @@ def _(a, b_t, scale_a, scale_b, out_dtype=torch.bfloat16):
     return a.new_empty((a.shape[0], b_t.shape[0]), dtype=out_dtype)
 
 
+def _stochastic(recipe: Recipe, op: str) -> bool:
+    return recipe.operand(op).rounding == "stochastic"
+
+
 def _seed(recipe: Recipe, ops: tuple[str, ...]) -> int:
     """A Philox seed from torch's default generator when one of ``ops`` rounds stochastically
     (so ``torch.manual_seed`` makes runs repeatable), else 0 without drawing."""
-    if any(recipe.operand(op).rounding == "stochastic" for op in ops):
+    if any(_stochastic(recipe, op) for op in ops):
         return int(torch.randint(0, 2**30, ()))
     return 0
 
@@ -153,14 +157,14 @@ def linear_forward(
         lo, hi = occ_thresholds(x2d, occ.alpha, occ.granularity)
     # q_x [Mp,K] + q_x_t [K,Mp]; with OCC the clamped X and its residual's column amax
     seed = _seed(recipe, ("fwd_x", "fwd_w"))
-    sr_x = recipe.fwd_x.rounding == "stochastic"
-    sr_w = recipe.fwd_w.rounding == "stochastic"
     q_x, s_x, q_x_t, r_amax = quantize_rows(
-        x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True, stochastic=sr_x, seed=seed
-    )
+        x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True,
+        stochastic=_stochastic(recipe, "fwd_x"), seed=seed,
+    )  # fmt: skip
     q_w, s_w, q_w_t, _ = quantize_rows(
-        weight, fw, store_q=True, store_qt=True, stochastic=sr_w, seed=seed + 2
-    )
+        weight, fw, store_q=True, store_qt=True, stochastic=_stochastic(recipe, "fwd_w"),
+        seed=seed + 2,
+    )  # fmt: skip
     # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
     y = scaled_mm_rowwise(q_x, q_w, s_x, s_w)[:m]
     cols = r_c = None
@@ -189,7 +193,7 @@ def linear_backward(
     # column (wgrad; X's scale sits on the reduction dim M), from one pass over dY
     q_dy, s_dy, q_dy2_t, s_dy2 = quantize_rowwise_and_colwise(
         dy2d, recipe.dgrad_dy.format, recipe.wgrad_dy.format, s_w, s_x[:m], need_dx, need_dw,
-        recipe.dgrad_dy.rounding == "stochastic", recipe.wgrad_dy.rounding == "stochastic",
+        _stochastic(recipe, "dgrad_dy"), _stochastic(recipe, "wgrad_dy"),
         _seed(recipe, ("dgrad_dy", "wgrad_dy")),
     )  # fmt: skip
     if need_dx:

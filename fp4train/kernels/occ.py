@@ -204,17 +204,17 @@ def occ_compensate(
     """
     m, k = x.shape
     c_cols, c_r = _residual_columns(x, lo, hi, resid_col_amax)
-    c_r = c_r.to(torch.bfloat16)
     c = c_cols.numel()
     cols = torch.full((k,), -1, dtype=torch.int64, device=x.device)
     cols[:c] = c_cols
     r_c = torch.empty((m, k), dtype=torch.bfloat16, device=x.device)
-    r_c.view(-1)[: m * c].view(m, c).copy_(c_r)
+    r = r_c.view(-1)[: m * c].view(m, c)  # contiguous [M, C]
+    r.copy_(c_r)  # float32 -> bf16
     if c == 0:
         return y.clone(), cols, r_c
     # Y += R_C · W_Cᵀ   [M,C] @ [C,N] -> [M,N]
     w_c = weight.index_select(1, c_cols).to(torch.bfloat16)
-    return torch.addmm(y, c_r, w_c.t()), cols, r_c
+    return torch.addmm(y, r, w_c.t()), cols, r_c
 
 
 @occ_compensate.op.register_fake
