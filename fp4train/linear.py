@@ -290,7 +290,10 @@ class FP4Linear(nn.Linear):
         else:
             out_dtype = x.dtype
         use_triton = _use_triton(x, self)
-        if use_triton:
+        if use_triton and self.recipe.occ is not None:
+            # OCC's kernels take bf16; the quantize kernels read float32 too, so other recipes
+            # quantize a float32 input (autocast's residual stream) as the reference path does,
+            # with no cast pass
             x = x.to(getattr(torch, self.recipe.compute_dtype))
         x2d = x.reshape(-1, self.in_features)
         with torch.autocast(dev, enabled=False):

@@ -95,7 +95,7 @@ def _check_rows(fmt, g, dtype=torch.bfloat16):
     from fp4train.kernels import quantize as kq
     from fp4train.kernels import reference as ref
 
-    x = _wide(37, 200, g, dtype)  # 37 rows: padded to 48; 200 cols: a partial block
+    x = _wide(37, 600, g, dtype)  # 37 rows: padded to 48; 600 cols: two blocks and a partial
     got = kq.quantize_rows(x, fmt, store_q=True, store_qt=True)
     want = ref.quantize_rows(x, fmt, store_q=True, store_qt=True)
     for name, a, b in zip(("q", "scale", "q_t"), got[:3], want[:3], strict=True):
