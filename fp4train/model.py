@@ -2,13 +2,19 @@
 
 One block, pre-norm::
 
-    h = x + wo(attention(rope(wq(norm(x))), rope(wk(norm(x))), wv(norm(x))))
-    y = h + w2(act(w1(norm(h))) [* w3(norm(h))])       # [* w3]: SwiGLU only
+    q, k, v = split(wqkv(norm(x)))                      # one GEMM for the three projections
+    h = x + wo(attention(rope(q), rope(k), v))
+    a, b = split(w13(norm(h)))                          # SwiGLU: w1 and w3 in one GEMM
+    y = h + w2(silu(a) * b)                             # GeLU MLP: w2(gelu(w1(norm(h))))
 
-Every GEMM is an ``nn.Linear`` without bias (``attention.{wq,wk,wv,wo}``,
-``feed_forward.{w1,w2,w3}``, ``lm_head``), so :func:`fp4train.convert` can swap them for
-FP4 layers; embeddings, norms, RoPE, softmax and the loss stay in high precision. The paper's
-model is LLaMA-2 with a GeLU MLP of width 4·dim (``mlp="gelu"``); ``mlp="swiglu"`` is LLaMA's.
+Every GEMM is an ``nn.Linear`` without bias (``attention.{wqkv,wo}``,
+``feed_forward.{w13,w2}`` or ``feed_forward.{w1,w2}`` for GeLU, ``lm_head``), so
+:func:`fp4train.convert` can swap them for FP4 layers; embeddings, norms, RoPE, softmax and
+the loss stay in high precision. Fusing the projections that read the same input means an FP4
+recipe quantizes and saves that input once, not three (or two) times, and launches one GEMM.
+Checkpoints in the unfused layout (``wq, wk, wv``; ``w1, w3``) still load: their weights are
+concatenated on the way in. The paper's model is LLaMA-2 with a GeLU MLP of width 4·dim
+(``mlp="gelu"``); ``mlp="swiglu"`` is LLaMA's.
 
 Norms, RoPE and the loss compute in float32 also under bf16 autocast. RoPE rotates the two
 halves of each head (the GPT-NeoX / Hugging Face LLaMA layout: pair ``i`` is
@@ -18,6 +24,7 @@ halves of each head (the GPT-NeoX / Hugging Face LLaMA layout: pair ``i`` is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -116,19 +123,15 @@ class ModelConfig:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``(out_features, in_features)`` of each linear layer of one block, plus ``lm_head``."""
-        kv = self.kv_heads * self.head_dim
-        shapes = {
-            "attention.wq": (self.dim, self.dim),
-            "attention.wk": (kv, self.dim),
-            "attention.wv": (kv, self.dim),
+        qkv = (self.n_heads + 2 * self.kv_heads) * self.head_dim
+        up = 2 * self.ffn_dim if self.mlp == "swiglu" else self.ffn_dim
+        return {
+            "attention.wqkv": (qkv, self.dim),
             "attention.wo": (self.dim, self.dim),
-            "feed_forward.w1": (self.ffn_dim, self.dim),
+            "feed_forward.w13" if self.mlp == "swiglu" else "feed_forward.w1": (up, self.dim),
             "feed_forward.w2": (self.dim, self.ffn_dim),
+            "lm_head": (self.vocab_size, self.dim),
         }
-        if self.mlp == "swiglu":
-            shapes["feed_forward.w3"] = (self.ffn_dim, self.dim)
-        shapes["lm_head"] = (self.vocab_size, self.dim)
-        return shapes
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count computed from the shapes alone (no model is built).
@@ -273,7 +276,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def _fuse_unfused_weights(
+    parts: tuple[str, ...], fused: str, module: nn.Module, state_dict: dict, prefix: str, *_
+) -> None:
+    """Load-state-dict pre-hook: concatenate the rows of an unfused checkpoint's ``parts``
+    weights (in order) into ``fused``; a no-op unless all of them are present."""
+    keys = [f"{prefix}{part}.weight" for part in parts]
+    if f"{prefix}{fused}.weight" not in state_dict and all(k in state_dict for k in keys):
+        state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
 class Attention(nn.Module):
+    """Causal GQA attention; ``wqkv`` holds the rows of wq, wk, wv stacked in that order."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
@@ -281,16 +296,20 @@ class Attention(nn.Module):
             config.kv_heads,
             config.head_dim,
         )
-        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_sizes = (q, kv, kv)
+        self.wqkv = nn.Linear(config.dim, q + 2 * kv, bias=False)
+        self.wo = nn.Linear(q, config.dim, bias=False)
+        self.register_load_state_dict_pre_hook(
+            functools.partial(_fuse_unfused_weights, ("wq", "wk", "wv"), "wqkv")
+        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
         # enable_gqa lets each group of n_heads / n_kv_heads query heads share one kv head
@@ -301,17 +320,25 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU ``w2(silu(a) * b)`` with ``a, b`` the two halves of ``w13(x)`` (w1's rows, then
+    w3's), or GeLU ``w2(gelu(w1(x)))``."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
         if self.swiglu:
-            self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+            self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
+            self.register_load_state_dict_pre_hook(
+                functools.partial(_fuse_unfused_weights, ("w1", "w3"), "w13")
+            )
+        else:
+            self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            a, b = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(a) * b)
         return self.w2(F.gelu(self.w1(x)))
 
 

@@ -258,19 +258,16 @@ class _Shape:
         return self.dim // self.n_heads
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(out N, in K) of each linear layer of one block."""
-        kv = self.kv_heads * self.head_dim
-        shapes = {
-            "wq": (self.dim, self.dim),
-            "wk": (kv, self.dim),
-            "wv": (kv, self.dim),
+        """(out N, in K) of each linear layer of one block, q/k/v and SwiGLU's w1/w3 fused
+        as in ``fp4train.model`` (one input quantized once per fused layer)."""
+        qkv = (self.n_heads + 2 * self.kv_heads) * self.head_dim
+        up = 2 * self.ffn if self.mlp == "swiglu" else self.ffn
+        return {
+            "wqkv": (qkv, self.dim),
             "wo": (self.dim, self.dim),
-            "w1": (self.ffn, self.dim),
+            "w13" if self.mlp == "swiglu" else "w1": (up, self.dim),
             "w2": (self.dim, self.ffn),
         }
-        if self.mlp == "swiglu":
-            shapes["w3"] = (self.ffn, self.dim)
-        return shapes
 
     def num_params(self) -> int:
         block = sum(n * k for n, k in self.linears().values()) + 2 * self.dim

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from fp4train import FP4Linear, convert
 from fp4train.model import (
     CONFIGS,
     LLaMA,
@@ -86,7 +87,8 @@ def test_num_params_matches_module(mlp, tie):
     assert model.num_params() == config.num_params()
     assert model.num_params(True) == config.num_params(True)
     assert (model.lm_head.weight is model.tok_embeddings.weight) == tie
-    assert len(model.layers[0].feed_forward.state_dict()) == (3 if mlp == "swiglu" else 2)
+    up = "w13" if mlp == "swiglu" else "w1"
+    assert set(model.layers[0].feed_forward.state_dict()) == {f"{up}.weight", "w2.weight"}
 
 
 def test_flops_per_token_matches_flop_counter():
@@ -255,16 +257,24 @@ def test_rope_scores_depend_on_relative_position():
     torch.testing.assert_close(torch.diagonal(scores), (q @ k).expand(T), rtol=0, atol=1e-5)
 
 
+def _repeat_kv_heads(state: dict, config: ModelConfig) -> dict:
+    """``state`` of a GQA model turned into its MHA twin's: query head h uses kv head
+    h // n_rep, so each kv head's rows of wqkv are repeated n_rep times."""
+    H, KV, D = config.n_heads, config.kv_heads, config.head_dim
+    state = dict(state)
+    for key, w in state.items():
+        if key.endswith("wqkv.weight"):
+            q, k, v = w.split([H * D, KV * D, KV * D])
+            n_rep = H // KV
+            k, v = (t.view(KV, D, -1).repeat_interleave(n_rep, dim=0).flatten(0, 1) for t in (k, v))
+            state[key] = torch.cat([q, k, v])
+    return state
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     gqa = make_model(n_heads=8, n_kv_heads=2)
     mha = LLaMA(dataclasses.replace(gqa.config, n_kv_heads=None))
-    state = gqa.state_dict()
-    head_dim, n_rep = gqa.config.head_dim, 4
-    for key, w in list(state.items()):
-        if key.endswith(("wk.weight", "wv.weight")):
-            # query head h uses kv head h // n_rep: repeat each kv head's rows n_rep times
-            state[key] = w.view(2, head_dim, -1).repeat_interleave(n_rep, dim=0).reshape(-1, 64)
-    mha.load_state_dict(state)
+    mha.load_state_dict(_repeat_kv_heads(gqa.state_dict(), gqa.config))
     idx = torch.randint(0, 300, (2, 24))
     torch.testing.assert_close(gqa(idx), mha(idx), rtol=1e-5, atol=1e-5)
 
@@ -278,9 +288,10 @@ def test_attention_matches_explicit_float64():
     out = attn(x, cos, sin)
 
     xd = x.double()
-    q = (xd @ attn.wq.weight.double().T).view(B, T, H, D)
-    k = (xd @ attn.wk.weight.double().T).view(B, T, KV, D)
-    v = (xd @ attn.wv.weight.double().T).view(B, T, KV, D)
+    wq, wk, wv = attn.wqkv.weight.double().split([H * D, KV * D, KV * D])  # rows q, k, v
+    q = (xd @ wq.T).view(B, T, H, D)
+    k = (xd @ wk.T).view(B, T, KV, D)
+    v = (xd @ wv.T).view(B, T, KV, D)
     q, k = _rope_reference(q, 10000.0), _rope_reference(k, 10000.0)
     k, v = k.repeat_interleave(H // KV, dim=2), v.repeat_interleave(H // KV, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
@@ -289,6 +300,61 @@ def test_attention_matches_explicit_float64():
     y = torch.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * D)
     ref = y @ attn.wo.weight.double().T
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_swiglu_feed_forward_matches_explicit_float64():
+    model = make_model()
+    ff = model.layers[0].feed_forward
+    x = torch.randn(2, 10, 64)
+    w1, w3 = ff.w13.weight.double().chunk(2)  # rows w1, then w3
+    xd = x.double()
+    ref = (F.silu(xd @ w1.T) * (xd @ w3.T)) @ ff.w2.weight.double().T
+    torch.testing.assert_close(ff(x).double(), ref, rtol=1e-4, atol=1e-6)
+
+
+_FUSED_LAYER_NAMES = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+
+
+def _unfuse(state: dict, config: ModelConfig) -> dict:
+    """``state`` in the layout before q/k/v and w1/w3 were fused."""
+    q, kv = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
+    old = {}
+    for key, w in state.items():
+        if key.endswith("attention.wqkv.weight"):
+            for name, part in zip(("wq", "wk", "wv"), w.split([q, kv, kv]), strict=True):
+                old[key.replace("wqkv", name)] = part.clone()
+        elif key.endswith("feed_forward.w13.weight"):
+            for name, part in zip(("w1", "w3"), w.chunk(2), strict=True):
+                old[key.replace("w13", name)] = part.clone()
+        else:
+            old[key] = w
+    return old
+
+
+@pytest.mark.parametrize("mlp, recipe", [("swiglu", None), ("gelu", None), ("swiglu", "fp4-paper")])
+def test_unfused_checkpoint_loads(mlp, recipe):
+    model = make_model(mlp=mlp, n_kv_heads=2)
+    old = _unfuse(model.state_dict(), model.config)
+    assert "layers.0.attention.wq.weight" in old and "layers.1.feed_forward.w1.weight" in old
+    fresh = make_model(seed=1, mlp=mlp, n_kv_heads=2)
+    if recipe is not None:  # the fused layers are the ones convert() swaps
+        convert(model, recipe)
+        convert(fresh, recipe)
+        fp4 = {n for n, m in fresh.named_modules() if isinstance(m, FP4Linear)}
+        assert fp4 == {f"layers.{i}.{n}" for i in (0, 1) for n in _FUSED_LAYER_NAMES}
+    fresh.load_state_dict(old)  # strict: every key used, none missing
+    for key, w in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], w), key
+    idx = torch.randint(0, 300, (2, 16))
+    assert torch.equal(fresh(idx), model(idx))
+
+
+def test_partial_unfused_checkpoint_is_refused():
+    model = make_model()
+    old = _unfuse(model.state_dict(), model.config)
+    del old["layers.0.attention.wk.weight"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*layers\.0\.attention\.wqkv"):
+        make_model().load_state_dict(old)
 
 
 def test_rmsnorm_computes_in_float32():
@@ -417,11 +483,7 @@ def test_cuda_compile_matches_eager():
 def test_cuda_gqa_equals_repeated_kv_in_bf16():
     gqa = _cuda_model()
     mha = LLaMA(dataclasses.replace(gqa.config, n_kv_heads=None)).cuda()
-    state = gqa.state_dict()
-    for key, w in list(state.items()):
-        if key.endswith(("wk.weight", "wv.weight")):
-            state[key] = w.view(2, 32, -1).repeat_interleave(4, dim=0).reshape(-1, 256)
-    mha.load_state_dict(state)
+    mha.load_state_dict(_repeat_kv_heads(gqa.state_dict(), gqa.config))
     idx = torch.randint(0, 1024, (2, 256), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = gqa(idx).float(), mha(idx).float()

@@ -77,7 +77,7 @@ def test_hooks_record_every_fp4_linear():
     recipe = Recipe.preset("fp4-paper")
     convert(model, recipe)
     fp4_names = {n for n, m in model.named_modules() if type(m).__name__ == "FP4Linear"}
-    assert len(fp4_names) == 2 * 7 and "lm_head" not in fp4_names
+    assert len(fp4_names) == 2 * 4 and "lm_head" not in fp4_names  # wqkv, wo, w13, w2
 
     seen = {}
     for name, m in model.named_modules():
@@ -140,15 +140,12 @@ def test_monitor_in_training_logs_and_leaves_losses_unchanged(tmp_path):
     mon_rows = [r for r in read_metrics(tmp_path / "on") if "monitor" in r]
     assert [r["step"] for r in mon_rows] == [2, 4]
     assert set(mon_rows[0]["monitor"]) == {
-        "layers.0.attention.wq",
-        "layers.0.attention.wk",
-        "layers.0.attention.wv",
+        "layers.0.attention.wqkv",
         "layers.0.attention.wo",
-        "layers.0.feed_forward.w1",
+        "layers.0.feed_forward.w13",
         "layers.0.feed_forward.w2",
-        "layers.0.feed_forward.w3",
     }
-    assert set(mon_rows[0]["monitor"]["layers.0.attention.wq"]["x"]) == {
+    assert set(mon_rows[0]["monitor"]["layers.0.attention.wqkv"]["x"]) == {
         "snr_db",
         "cosine",
         "rel_mse",

@@ -77,16 +77,17 @@ def _terms(est):
 def test_flop_counts_match_hand_computation():
     est = step_time_estimate(_TINY, seq_len=16, batch_tokens=32, hardware="h100")
     t = _terms(est)
-    # per layer Σ N·K: wq 64·64, wk, wv 32·64 (2 kv heads of 16), wo 64·64, w1, w3 96·64, w2 64·96
-    nk = 4096 + 2048 + 2048 + 4096 + 6144 + 6144 + 6144
+    # per layer Σ N·K: wqkv (64 + 2·32)·64 (2 kv heads of 16), wo 64·64, w13 2·96·64, w2 64·96
+    nk = 8192 + 4096 + 12288 + 6144
     for g in ("GEMM fwd X·Wᵀ", "GEMM dgrad dY·W", "GEMM wgrad dYᵀ·X"):
         assert t[g]["flops"] == 2 * 32 * nk * 2
     assert t["LM head GEMMs"]["flops"] == 3 * 2 * 32 * 100 * 64
     assert t["attention QKᵀ, PV"]["flops"] == 3 * 4 * 32 * 16 * 64 * 2
     # quantize X reads bf16 (2 B) and writes FP8 twice (fwd + transposed for wgrad): 4 B per
-    # element of every linear's input; dY: 3 B for dgrad (row) + 5 B for wgrad (column amax)
-    sum_k = 64 * 6 + 96
-    sum_n = 64 + 32 + 32 + 64 + 96 + 96 + 64
+    # element of every linear's input, once per fused layer (wqkv, wo, w13: K 64; w2: K 96);
+    # dY: 3 B for dgrad (row) + 5 B for wgrad (column amax)
+    sum_k = 64 * 3 + 96
+    sum_n = 128 + 64 + 192 + 64
     assert t["quantize X"]["bytes"] == 4 * 32 * sum_k * 2
     assert t["quantize dY (dgrad, wgrad)"]["bytes"] == 8 * 32 * sum_n * 2
 
@@ -94,7 +95,7 @@ def test_flop_counts_match_hand_computation():
 def test_gelu_mlp_has_two_matrices():
     cfg = SimpleNamespace(**{**vars(_TINY), "mlp": "gelu"})
     t = _terms(step_time_estimate(cfg, seq_len=16, batch_tokens=32, recipe="bf16"))
-    nk = 4096 + 2048 + 2048 + 4096 + 6144 + 6144
+    nk = 8192 + 4096 + 6144 + 6144  # wqkv, wo, w1, w2
     assert t["GEMM fwd X·Wᵀ"]["flops"] == 2 * 32 * nk * 2
 
 
@@ -142,7 +143,7 @@ def test_gemm_rates_per_hardware():
     assert est["gemm_ratio"] == pytest.approx(expected, rel=1e-12)
     # FP4 packs two values per byte there: quantize X writes 2 × 0.5 B after reading 2 B
     t = _terms(step_time_estimate(_TINY, 16, 32, hardware="b200"))
-    assert t["quantize X"]["bytes"] == 3 * 32 * (64 * 6 + 96) * 2
+    assert t["quantize X"]["bytes"] == 3 * 32 * (64 * 3 + 96) * 2
 
 
 def test_recipe_switches_terms():

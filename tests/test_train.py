@@ -262,7 +262,7 @@ def test_mismatched_state_dict_is_refused(micro, tmp_path):
     out = tmp_path / "run"
     train(_cfg(micro, out, max_steps=2, recipe="bf16"))
     ck = load_checkpoint(out)
-    del ck["model"]["layers.0.attention.wq.weight"]
+    del ck["model"]["layers.0.attention.wqkv.weight"]
     broken = tmp_path / "broken.pt"
     save_checkpoint({k: v for k, v in ck.items() if k not in ("format", "version")}, broken)
     with pytest.raises(CheckpointError, match="does not fit the model"):
