@@ -16,7 +16,9 @@ Checkpoints in the unfused layout (``wq, wk, wv``; ``w1, w3``) still load: their
 concatenated on the way in. The paper's model is LLaMA-2 with a GeLU MLP of width 4·dim
 (``mlp="gelu"``); ``mlp="swiglu"`` is LLaMA's.
 
-Norms, RoPE and the loss compute in float32 also under bf16 autocast. RoPE rotates the two
+Norms, RoPE and the loss compute in float32 also under bf16 autocast. RMSNorm is an autograd
+Function that saves only its input and one float32 rstd per row for backward (:func:`rms_norm`),
+not the float32 intermediates autograd of the formula would keep. RoPE rotates the two
 halves of each head (the GPT-NeoX / Hugging Face LLaMA layout: pair ``i`` is
 ``(x[i], x[i + head_dim/2])``), not interleaved pairs as in Meta's reference code.
 """
@@ -35,7 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "CONFIGS", "get_config", "LLaMA", "RMSNorm", "apply_rope", "rope_cache"]
+__all__ = [
+    "ModelConfig",
+    "CONFIGS",
+    "get_config",
+    "LLaMA",
+    "RMSNorm",
+    "rms_norm",
+    "apply_rope",
+    "rope_cache",
+]
 
 _MLPS = ("swiglu", "gelu")
 
@@ -239,8 +250,50 @@ def get_config(name_or_path: str | Path, vocab_size: int | None = None) -> Model
     return config
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # no `.to` when the dtype already matches: torch 2.11's Dynamo turns the gradient of a
+    # Function output that is a no-op `.to` of an intermediate into zeros
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm that saves x (as given) and the per-row rstd [..., 1] for backward, and
+    recomputes the normalized x̂ = x · rstd there: autograd of the plain formula would also
+    keep x̂ in float32, and a float32 copy of x when x is bf16."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x_w = x.to(work)
+        rstd = torch.rsqrt(x_w.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        ctx.save_for_backward(x, weight, rstd)
+        return _cast(x_w * rstd * weight.to(work), x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        work = rstd.dtype
+        x_hat = x.to(work) * rstd
+        dy_w = dy.to(work)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            g = dy_w * weight.to(work)  # gradient w.r.t. x̂
+            # x̂_i = x_i · rstd, rstd = mean(x²)^(-1/2): dx = rstd · (g − x̂ · mean(g · x̂))
+            dx = _cast(rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True)), x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = _cast((dy_w * x_hat).reshape(-1, x.shape[-1]).sum(0), weight.dtype)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``x / sqrt(mean(x², -1) + eps) * weight`` in float32 (float64 for float64 input), cast
+    back to x's dtype; backward keeps only x and one float32 rstd per row."""
+    return _RMSNormFn.apply(x, weight, eps)
+
+
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight``, computed in float32 and cast back to the input's dtype."""
+    """``x / rms(x) * weight``, computed in float32 and cast back to the input's dtype; see
+    :func:`rms_norm` for what it saves for backward."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -248,9 +301,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cache(

@@ -14,6 +14,7 @@ from fp4train.model import (
     RMSNorm,
     apply_rope,
     get_config,
+    rms_norm,
     rope_cache,
 )
 
@@ -357,6 +358,70 @@ def test_partial_unfused_checkpoint_is_refused():
         make_model().load_state_dict(old)
 
 
+def _rmsnorm_formula(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The plain formula RMSNorm computes (autograd of it saves float32 intermediates)."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def _rmsnorm_inputs(dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(4, 7, 64, generator=g) * 3).to(dtype).requires_grad_()
+    w = torch.empty(64).uniform_(0.5, 1.5, generator=g).requires_grad_()
+    dy = torch.randn(4, 7, 64, generator=g).to(dtype)
+    return x, w, dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_forward_equals_plain_formula(dtype):
+    x, w, _ = _rmsnorm_inputs(dtype)
+    out = rms_norm(x, w)
+    assert out.dtype == dtype
+    assert torch.equal(out, _rmsnorm_formula(x, w))
+
+
+def test_rmsnorm_gradcheck_float64():
+    x, w, _ = _rmsnorm_inputs(torch.float64)
+    w = w.detach().double().requires_grad_()
+    x = x.detach()[:2, :3].requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w), (x, w))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-8)])
+def test_rmsnorm_grads_match_float64_formula(dtype, rtol):
+    x, w, dy = _rmsnorm_inputs(dtype)
+    rms_norm(x, w).backward(dy)
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * wd
+    ref.backward(dy.double())
+    assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+    # dx is rounded to x's dtype once; dw (float32) sums exact products of the same inputs
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-5, atol=1e-6)
+
+
+def _saved_activation_bytes(fn, *params: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """Bytes autograd saves while ``fn()`` runs, leaving out ``params`` (saved by reference)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    skip = {p.data_ptr() for p in params}
+    saved = [t for t in saved if t.data_ptr() not in skip]
+    return sum(t.numel() * t.element_size() for t in saved), saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_saves_only_x_and_rstd(dtype):
+    x, w, _ = _rmsnorm_inputs(dtype)
+    nbytes, saved = _saved_activation_bytes(lambda: rms_norm(x, w), w)
+    rows = 4 * 7
+    assert nbytes == x.numel() * x.element_size() + rows * 4  # x as given + float32 rstd
+    assert any(t is x for t in saved)  # x itself, not a copy
+    plain, _ = _saved_activation_bytes(lambda: _rmsnorm_formula(x, w), w)
+    assert plain >= 2 * x.numel() * 4  # the formula keeps float32 x and x̂
+
+
 def test_rmsnorm_computes_in_float32():
     torch.manual_seed(0)
     norm = RMSNorm(64)
@@ -383,11 +448,27 @@ def test_bf16_autocast_forward_close_to_float32():
     assert abs(loss16.item() - loss32.item()) < 0.02
 
 
-def test_compiles_without_graph_breaks():
+def _compiled_matches_eager(backend: str) -> None:
     model = make_model(n_kv_heads=2)
     idx = torch.randint(0, 300, (2, 32))
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(idx, idx), model(idx, idx))
+    model(idx, idx).backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    loss = compiled(idx, idx)
+    loss.backward()
+    torch.testing.assert_close(loss, model(idx, idx))
+    for p, g in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_compiles_without_graph_breaks():
+    _compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_inductor_compile_matches_eager():
+    _compiled_matches_eager("inductor")  # ~30 s on a CPU: C++ codegen for forward and backward
 
 
 # ---- training and generation -----------------------------------------------------------------
