@@ -53,9 +53,9 @@ def _syncs_with_host(recipe: str) -> bool:
     """True for recipes whose step syncs with the host (OCC's outlier columns), which a CUDA
     graph cannot capture. They are not tried: a failed capture leaves the process's CUDA RNG
     unusable for later captures (seen on the H100)."""
-    from fp4train.recipe import Recipe
+    from fp4train.train import parse_recipe
 
-    r = Recipe.preset(recipe)
+    r = parse_recipe(recipe)
     return r.quantized and r.occ is not None and r.occ.compensate
 
 
@@ -405,7 +405,7 @@ def bench_step(
     from fp4train.convert import convert
     from fp4train.model import LLaMA, get_config
     from fp4train.optim import LowPrecisionAdamW
-    from fp4train.recipe import Recipe
+    from fp4train.train import parse_recipe
 
     _require_cuda()
     for o in optimizers:
@@ -422,7 +422,7 @@ def bench_step(
             with torch.device("cuda"):  # initialise on the GPU: seconds, not a minute
                 model = LLaMA(cfg)
             if name != "bf16":
-                convert(model, Recipe.preset(name).replace(backend="triton"))
+                convert(model, parse_recipe(name).replace(backend="triton"))
             fwd = torch.compile(model) if compile else model
             if opt_name == "adamw":
                 opt = torch.optim.AdamW(
@@ -530,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipes",
         nargs="+",
         default=None,
-        help="presets to time (+chan: activations with outlier channels)",
+        help="recipes to time: presets, or for step also preset[key=value,...] "
+        "(+chan: activations with outlier channels, linear)",
     )
     p.add_argument("--models", nargs="+", default=["125m", "1.3b"], help="for step")
     p.add_argument("--batch", type=int, default=4, help="sequences per step (step)")

@@ -461,9 +461,10 @@ def _quantize_rowblock_kernel(
 
 
 # ------------------------------------------------------------------------------ launchers
-# tuned on one H200 (benchmarks/NOTES.md); the interpreter ignores warps
-AMAX_CONFIG = dict(BLOCK_M=128, BLOCK_K=256, SUB_M=32, SUB_K=128, num_warps=8)
-TILE_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4)
+# tuned on an H100 for dY at 8192 x {2048, 4096, 11264} (benchmarks/NOTES.md: 14% faster than
+# the H200 choice 128x256/32x128 w8 + 64x64 w4); the interpreter ignores warps
+AMAX_CONFIG = dict(BLOCK_M=64, BLOCK_K=256, SUB_M=16, SUB_K=256, num_warps=4)
+TILE_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
 # row-only quantization (X, W): the persistent row-block kernel. Programs: at least one per SM,
 # more while the row blocks in flight fit in L2_BYTES (so the second walk reads from L2)
 ROWBLOCK_CONFIG = dict(BLOCK_M=32, BLOCK_K=512, num_warps=8, L2_BYTES=32 << 20)
@@ -518,7 +519,8 @@ def _quantize(
     sr_col: bool = False,
     seed: int = 0,
 ):
-    """The launches; returns (q, s_row [Mp], q_t, q2_t, s_col [K], col_amax [K]).
+    """The launches; returns (q, s_row [Mp], q_t, q2_t, s_col [K], col_amax [K]), with q2_t
+    and s_col None when the row operand alone took the one-launch row-block path.
 
     ``sr_row`` / ``sr_col``: stochastic rounding of the row- / column-scaled operand, with
     Philox noise from ``seed`` (``seed + 1`` for the column operand) indexed by the element's
@@ -549,12 +551,27 @@ def _quantize(
     fp8 = FP8_DTYPE[row_fmt] if row_fmt is not None else torch.float8_e4m3fn
     q = empty_output((mp, k) if rows and store_q else (0,), fp8, dev)
     q_t = empty_output((k, mp) if rows and store_qt else (0,), fp8, dev)
+    if rows and not cols and not clamp and m and k:
+        # X, W: one launch; with OCC's clamp the three launches below measured faster
+        s_row = empty_output(mp, torch.float32, dev)
+        _quantize_rows_rowblock(
+            x, m, mp, k, row_fmt, col_scale, lo, hi, per_row, clamp, store_q, store_qt,
+            sr_row, seed, q, q_t, s_row, None,
+        )  # fmt: skip
+        # no q2_t, s_col (quantize_rows drops them); outputs never alias (custom-op rule)
+        return q, s_row, q_t, None, None, torch.empty(0, dtype=torch.float32, device=dev)
     q2_t = empty_output((k, mp) if cols else (0,), FP8_DTYPE[col_fmt] if cols else fp8, dev)
-    s_row = empty_output(mp if rows else 0, torch.float32, dev)
-    s_col = empty_output(k if cols else 0, torch.float32, dev)
-    r_row = torch.empty(mp if rows else 0, dtype=torch.float32, device=dev)
-    r_col = torch.empty(k if cols else 0, dtype=torch.float32, device=dev)
-    col_amax = empty_output(k if cols or clamp else 0, torch.float32, dev)
+    n_s, n_c, n_a = mp if rows else 0, k if cols else 0, k if cols or clamp else 0
+    s_row = empty_output(n_s, torch.float32, dev)
+    s_col = empty_output(n_c, torch.float32, dev)
+    col_amax = empty_output(n_a, torch.float32, dev)
+    # the internal float32 buffers in one allocation (each torch.empty costs the host µs)
+    a = AMAX_CONFIG
+    n_kt, n_mt = triton.cdiv(k, a["BLOCK_K"]), triton.cdiv(m, a["BLOCK_M"])
+    n_rp, n_cp = m * n_kt if rows else 1, n_mt * k if cols or clamp else 1
+    r_row, r_col, rpart, cpart = torch.empty(
+        n_s + n_c + n_rp + n_cp, dtype=torch.float32, device=dev
+    ).split([n_s, n_c, n_rp, n_cp])
     if m == 0 or k == 0:
         s_row.fill_(1.0)
         s_col.fill_(1.0)
@@ -563,16 +580,6 @@ def _quantize(
         q_t.zero_()
         q2_t.zero_()
         return q, s_row, q_t, q2_t, s_col, col_amax
-    if rows and not cols and not clamp:  # with OCC's clamp the three launches measured faster
-        _quantize_rows_rowblock(
-            x, m, mp, k, row_fmt, col_scale, lo, hi, per_row, clamp, store_q, store_qt,
-            sr_row, seed, q, q_t, s_row, col_amax,
-        )  # fmt: skip
-        return q, s_row, q_t, q2_t, s_col, col_amax
-    a = AMAX_CONFIG
-    n_kt, n_mt = triton.cdiv(k, a["BLOCK_K"]), triton.cdiv(m, a["BLOCK_M"])
-    rpart = torch.empty((m, n_kt) if rows else (1,), dtype=torch.float32, device=dev)
-    cpart = torch.empty((n_mt, k) if cols or clamp else (1,), dtype=torch.float32, device=dev)
     dummy = rpart
     flags = dict(HAS_COLMUL=col_scale is not None, CLAMP=clamp)
     _amax_partials_kernel[(n_kt, n_mt)](
@@ -595,7 +602,7 @@ def _quantize(
     if rows or cols:
         t = TILE_CONFIG
         grid = (triton.cdiv(k, t["BLOCK_K"]), triton.cdiv(mp, t["BLOCK_M"]))
-        dummy8 = torch.empty(1, dtype=fp8, device=dev)
+        dummy8 = q if q.numel() else q_t if q_t.numel() else q2_t
         _quantize_tile_kernel[grid](
             x, x.stride(0), col_scale if col_scale is not None else dummy,
             row_scale if cols else dummy, lo if clamp else dummy, hi if clamp else dummy,
@@ -707,6 +714,9 @@ def quantize_rowwise_and_colwise(
         row_scale if need_col else None, None, None, True, False, stochastic_row,
         stochastic_col, seed,
     )  # fmt: skip
+    if q2_t is None:  # the row operand alone took the one-launch row-block path
+        q2_t = torch.empty(0, dtype=FP8_DTYPE[col_fmt], device=x.device)
+        s_col = torch.empty(0, dtype=torch.float32, device=x.device)
     # absent outputs keep their format's dtype, as the fake implementation says
     return q.view(FP8_DTYPE[row_fmt]), s_row, q2_t.view(FP8_DTYPE[col_fmt]), s_col
 
