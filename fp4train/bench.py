@@ -49,16 +49,6 @@ def _median_ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def _syncs_with_host(recipe: str) -> bool:
-    """True for recipes whose step syncs with the host (OCC's outlier columns), which a CUDA
-    graph cannot capture. They are not tried: a failed capture leaves the process's CUDA RNG
-    unusable for later captures (seen on the H100)."""
-    from fp4train.train import parse_recipe
-
-    r = parse_recipe(recipe)
-    return r.quantized and r.occ is not None and r.occ.compensate
-
-
 def _median_ms_graphed(fn: Callable[[], object]) -> float:
     """Median ms of ``fn`` replayed from a CUDA graph: GPU time without host launch overhead.
 
@@ -111,7 +101,7 @@ def bench_linear(
     channels instead of Gaussian). Returns one row per (shape, recipe) with ms, TFLOP/s
     (6·M·K·N per fwd+bwd) and speed-up over bf16. ``cuda_graph`` adds ``graph_ms`` and
     ``graph_speedup``: the same fwd+bwd replayed from a CUDA graph (bf16 too), i.e. the GPU
-    time without Python and launch overhead (NaN where capture is impossible: OCC syncs).
+    time without Python and launch overhead (NaN where capture fails).
     """
     from fp4train.linear import FP4Linear
     from fp4train.recipe import Recipe
@@ -153,7 +143,7 @@ def bench_linear(
                 speedup=results["bf16"] / ms,
             )
             if cuda_graph:
-                gms = float("nan") if _syncs_with_host(name) else _median_ms_graphed(fwd_bwd)
+                gms = _median_ms_graphed(fwd_bwd)
                 results[spec + ":graph"] = gms
                 row.update(graph_ms=gms, graph_speedup=results["bf16:graph"] / gms)
             rows.append(row)
@@ -258,7 +248,7 @@ def profile_linear(
     lo = hi = None
     if r.occ is not None:
         lo, hi = kocc.occ_thresholds(x, r.occ.alpha, r.occ.granularity)
-    q_x, s_x, q_x_t, r_amax = kq.quantize_rows(x, fx, lo=lo, hi=hi, store_qt=True)
+    q_x, s_x, q_x_t, resid = kq.quantize_rows(x, fx, lo=lo, hi=hi, store_qt=True)
     q_w, s_w, q_w_t, _ = kq.quantize_rows(w, fw, store_qt=True)
     q_dy, s_dy, q_dy2_t, s_dy2 = kq.quantize_rowwise_and_colwise(dy, fdy, fdy2, s_w, s_x)
     dw32 = klin.scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32)
@@ -275,11 +265,10 @@ def profile_linear(
     ]  # fmt: skip
     if r.occ is not None and r.occ.compensate:
         y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
-        _, cols, r_c = kocc.occ_compensate(y, x, lo, hi, r_amax, w)
         steps += [
-            (f"OCC fwd compensation ({int((cols >= 0).sum())}/{k} cols)",
-             lambda: kocc.occ_compensate(y, x, lo, hi, r_amax, w)),
-            ("OCC wgrad compensation", lambda: kocc.occ_compensate_wgrad(dw32, dy, cols, r_c)),
+            (f"OCC fwd compensation ({int((resid != 0).sum()) / resid.numel():.2%} nonzero)",
+             lambda: kocc.occ_compensate(y, resid, w)),
+            ("OCC wgrad compensation", lambda: kocc.occ_compensate_wgrad(dw32, dy, resid)),
         ]  # fmt: skip
     steps += [
         ("quantize dY (both operands)",
@@ -400,7 +389,8 @@ def bench_step(
     (:class:`fp4train.optim.LowPrecisionAdamW`: FP8 first moment, FP16 second).
     ``cuda_graph``: capture the whole step (fwd, bwd, fused AdamW with ``capturable=True``) in
     one CUDA graph and time its replays: the GPU time without Python and launch overhead.
-    Needs ``"adamw"`` and a recipe without host syncs (OCC syncs: those rows are NaN).
+    Needs ``"adamw"``; a step that cannot be captured (a host sync) gives a NaN row. (A
+    stochastic-rounding recipe captures, but its Philox seeds are frozen in the graph.)
     """
     from fp4train.convert import convert
     from fp4train.model import LLaMA, get_config
@@ -441,7 +431,7 @@ def bench_step(
 
             ok = True
             if cuda_graph:
-                replay = None if _syncs_with_host(name) else _graphed_step(fwd, opt, idx)
+                replay = _graphed_step(fwd, opt, idx)
                 ok = replay is not None
                 step = replay if ok else (lambda: None)
             for _ in range(3):

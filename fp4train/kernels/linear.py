@@ -17,8 +17,8 @@ scale sits on the reduction dim M). The token count M is padded to a multiple of
 rows.
 
 The wgrad GEMM writes the float32 master gradient directly; DGE then scales it in one pass.
-With OCC, the compensation products run over the residual's outlier columns only
-(``fp4train.kernels.occ``).
+With OCC, the X quantize pass also writes the dense bf16 residual R, and the compensation
+products are bf16 GEMMs (``fp4train.kernels.occ``); nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -155,9 +155,9 @@ def linear_forward(
     lo = hi = None
     if occ is not None:
         lo, hi = occ_thresholds(x2d, occ.alpha, occ.granularity)
-    # q_x [Mp,K] + q_x_t [K,Mp]; with OCC the clamped X and its residual's column amax
+    # q_x [Mp,K] + q_x_t [K,Mp]; with OCC, of the clamped X, plus the residual R [M,K] bf16
     seed = _seed(recipe, ("fwd_x", "fwd_w"))
-    q_x, s_x, q_x_t, r_amax = quantize_rows(
+    q_x, s_x, q_x_t, resid = quantize_rows(
         x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True,
         stochastic=_stochastic(recipe, "fwd_x"), seed=seed,
     )  # fmt: skip
@@ -167,11 +167,11 @@ def linear_forward(
     )  # fmt: skip
     # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
     y = scaled_mm_rowwise(q_x, q_w, s_x, s_w)[:m]
-    cols = r_c = None
+    r = None
     if occ is not None and occ.compensate:
-        # Y += R·Wᵀ over the outlier columns, in bf16 with float32 accumulation
-        y, cols, r_c = occ_compensate(y, x2d, lo, hi, r_amax, weight)
-    return y, (q_x_t, s_x, q_w_t, s_w, cols, r_c)
+        r = resid  # Y += R·Wᵀ, a dense bf16 GEMM with float32 accumulation
+        y = occ_compensate(y, r, weight)
+    return y, (q_x_t, s_x, q_w_t, s_w, r)
 
 
 def linear_backward(
@@ -183,7 +183,7 @@ def linear_backward(
     need_dw: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dgrad and wgrad from :func:`linear_forward`'s ``saved``: (dx [M, K] bf16, dw [N, K] f32)."""
-    q_x_t, s_x, q_w_t, s_w, cols, r_c = saved
+    q_x_t, s_x, q_w_t, s_w, r = saved
     dy2d = dy2d.contiguous()
     m = dy2d.shape[0]
     dx = dw = None
@@ -202,8 +202,8 @@ def linear_backward(
     if need_dw:
         # wgrad: dW = (q_dy2·s_dy2)ᵀ · q_x   [N,Mp] @ [Mp,K] -> [N,K]
         dw = scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32)
-        if cols is not None:
-            dw = occ_compensate_wgrad(dw, dy2d, cols, r_c)  # dW += dYᵀ·R, outlier columns
+        if r is not None:
+            dw = occ_compensate_wgrad(dw, dy2d, r)  # dW += dYᵀ·R
         if recipe.dge is not None:
             dw = dge_weight_grad(
                 dw, weight, s_w, recipe.fwd_w.format, recipe.dge.k, recipe.dge.clip

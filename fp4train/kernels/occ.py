@@ -9,11 +9,13 @@ that bin finds the value. Two passes over the (sampled) data, four small launche
 result is exact: the same float32 thresholds as the reference, bit for bit.
 
 **Compensation.** R = X − clamp(X, lo, hi) is nonzero on about 2(1 − α) of the entries. The
-forward's fused quantize kernel records the per-column amax of |R|; only columns holding an
-outlier enter the compensation GEMMs, as a dense [M, C] block in bf16 (tensor cores, float32
-accumulation): Y += R_C · W_Cᵀ and dW[:, C] += dYᵀ · R_C. On activations whose outliers sit in
-a few channels C is small; on unstructured data (e.g. Gaussian) every column holds some
-outlier and this costs a bf16 GEMM in forward and in wgrad (see benchmarks/NOTES.md).
+forward's quantize kernel writes R (dense, bf16) in the pass that quantizes the clamped X, and
+the compensation terms are dense bf16 GEMMs on the tensor cores with float32 accumulation:
+Y += R · Wᵀ and dW += dYᵀ · R. Nothing depends on the data's outlier pattern, so there is no
+host sync and a step with OCC can be captured in a CUDA graph. (An earlier version gathered
+the columns holding an outlier, which syncs for their count: at α = 0.99 nearly every column
+holds one, so it cost a gather on top of the same dense GEMM. cuSPARSE's CSR product at 1%
+density measured 2.7× slower than the dense GEMM on an H100: benchmarks/NOTES.md.)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import triton.language as tl
 from fp4train import occ as _occ
 from fp4train.kernels import quantize as _q
 
-__all__ = ["occ_thresholds", "occ_compensate", "occ_compensate_wgrad", "outlier_columns"]
+__all__ = ["occ_thresholds", "occ_compensate", "occ_compensate_wgrad"]
 
 _CHUNK = 4096  # elements per program of the histogram passes
 
@@ -165,89 +167,14 @@ def _(x, alpha, granularity, exact_max_numel=2**22, sample_size=2**20):
     return x.new_empty(g, dtype=torch.float32), x.new_empty(g, dtype=torch.float32)
 
 
-def _residual_columns(
-    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, resid_col_amax: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cols [C] int64, r_c [M, C] float32): the residual on the columns holding an outlier.
-
-    ``r_c = x[:, cols] − clamp(x[:, cols], lo, hi)`` in float32 (exact for bf16 x), ``cols``
-    where ``resid_col_amax`` > 0. Syncs with the host (C is data-dependent).
-    """
-    cols = (resid_col_amax > 0).nonzero().squeeze(1)
-    xc = x.index_select(1, cols).float()  # [M, C]
-    lo2, hi2 = lo.reshape(-1, 1), hi.reshape(-1, 1)
-    return cols, xc - torch.minimum(torch.maximum(xc, lo2), hi2)
+def occ_compensate(y: torch.Tensor, resid: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Forward compensation ``Y + R · Wᵀ``: y [M, N] bf16 (the quantized GEMM's output),
+    ``resid`` [M, K] bf16 from ``quantize_rows(x, lo=lo, hi=hi)``, weight [N, K] (cast to bf16);
+    one bf16 GEMM with float32 accumulation."""
+    return torch.addmm(y, resid, weight.to(torch.bfloat16).t())
 
 
-@_q.custom_op("fp4train::occ_compensate")
-def occ_compensate(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    resid_col_amax: torch.Tensor,
-    weight: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward compensation ``Y + R · Wᵀ`` over the residual's outlier columns C only.
-
-    y [M, N] bf16 (the quantized GEMM's output), x [M, K] bf16, (lo, hi) the clamp thresholds
-    ([1] or [M]), ``resid_col_amax`` [K] from ``quantize_rows(x, lo=lo, hi=hi)``, weight [N, K].
-    Returns ``(y + R_C · W_Cᵀ, cols [K] int64, r_c [M, K] bf16)``: the first C entries of
-    ``cols`` are the outlier columns (the rest -1) and the first M·C elements of ``r_c`` hold
-    R_C as a contiguous [M, C] matrix (the rest is unused). R_C and W_C enter the tensor
-    cores in bf16 with float32 accumulation; ``(cols, r_c)`` serve the wgrad term
-    (:func:`outlier_columns` unpacks them).
-
-    The outputs have fixed shapes although C depends on the data: a data-dependent output
-    shape (an unbacked symbol) inside an ``autograd.Function`` breaks ``torch.compile`` on
-    torch 2.13.
-    """
-    m, k = x.shape
-    c_cols, c_r = _residual_columns(x, lo, hi, resid_col_amax)
-    c = c_cols.numel()
-    cols = torch.full((k,), -1, dtype=torch.int64, device=x.device)
-    cols[:c] = c_cols
-    r_c = torch.empty((m, k), dtype=torch.bfloat16, device=x.device)
-    r = r_c.view(-1)[: m * c].view(m, c)  # contiguous [M, C]
-    r.copy_(c_r)  # float32 -> bf16
-    if c == 0:
-        return y.clone(), cols, r_c
-    # Y += R_C · W_Cᵀ   [M,C] @ [C,N] -> [M,N]
-    w_c = weight.index_select(1, c_cols).to(torch.bfloat16)
-    return torch.addmm(y, r, w_c.t()), cols, r_c
-
-
-@occ_compensate.op.register_fake
-def _(y, x, lo, hi, resid_col_amax, weight):
-    return (
-        y.new_empty(y.shape),
-        x.new_empty(x.shape[1], dtype=torch.int64),
-        x.new_empty(x.shape, dtype=torch.bfloat16),
-    )
-
-
-def outlier_columns(cols: torch.Tensor, r_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cols [C], R_C [M, C])`` from :func:`occ_compensate`'s padded outputs (syncs)."""
-    c = int((cols >= 0).sum())
-    return cols[:c], r_c.view(-1)[: r_c.shape[0] * c].view(r_c.shape[0], c)
-
-
-@_q.custom_op("fp4train::occ_compensate_wgrad")
-def occ_compensate_wgrad(
-    dw: torch.Tensor, dy: torch.Tensor, cols: torch.Tensor, r_c: torch.Tensor
-) -> torch.Tensor:
-    """Weight-gradient compensation: float32 ``dW`` with ``dW[:, C] += dYᵀ · R_C``.
-
-    dw [N, K] (any float dtype), dy [M, N], (cols, r_c) from :func:`occ_compensate`.
-    """
-    out = dw.float() if dw.dtype != torch.float32 else dw.clone()
-    cols, r_c = outlier_columns(cols, r_c)
-    if cols.numel():
-        # dW[:, C] += dYᵀ · R_C   [N,M] @ [M,C] -> [N,C]
-        out.index_add_(1, cols, (dy.to(torch.bfloat16).t() @ r_c).float())
-    return out
-
-
-@occ_compensate_wgrad.op.register_fake
-def _(dw, dy, cols, r_c):
-    return dw.new_empty(dw.shape, dtype=torch.float32)
+def occ_compensate_wgrad(dw: torch.Tensor, dy: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """Weight-gradient compensation ``dW += dYᵀ · R`` in place on the float32 ``dw`` [N, K];
+    dy [M, N], ``resid`` [M, K] bf16. Returns ``dw``."""
+    return dw.add_(dy.to(torch.bfloat16).t() @ resid)

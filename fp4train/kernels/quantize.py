@@ -166,6 +166,15 @@ def _round_to_grid(
 
 
 @triton.jit
+def _to_bf16_rne(u):
+    """float32 -> bf16, rounded to nearest-even by integer arithmetic (the interpreter's cast
+    truncates; the GPU's rounds to nearest-even): the same bits on both."""
+    b = u.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return tl.where(u != u, u, b.to(tl.float32, bitcast=True)).to(tl.bfloat16)
+
+
+@triton.jit
 def _load_operand(
     x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi,
     HAS_COLMUL: tl.constexpr, CLAMP: tl.constexpr,
@@ -201,20 +210,14 @@ def _amax_partials_kernel(
     x_ptr,  # [M, K], unit stride along K
     stride_xm,
     colmul_ptr,  # [K] float32: the row-wise operand is x * colmul (HAS_COLMUL)
-    rowmul_ptr,  # [M] float32: the column-wise operand is x * rowmul (COL_OPERAND)
-    lo_ptr,  # OCC clamp bounds: one float32 each, or one per row (CLAMP_PER_ROW)
-    hi_ptr,
-    rpart_ptr,  # [M, n_kt] float32: row amax of v over this program's columns (ROW_AMAX)
-    cpart_ptr,  # [n_mt, K] float32: column amax over this program's rows (COL_AMAX)
+    rowmul_ptr,  # [M] float32: the column-wise operand is x * rowmul
+    rpart_ptr,  # [M, n_kt] float32: row amax of the row-wise operand over this tile (ROW_AMAX)
+    cpart_ptr,  # [n_mt, K] float32: column amax of the column-wise operand over this tile
     M,
     K,
     n_kt,
     HAS_COLMUL: tl.constexpr,
-    CLAMP: tl.constexpr,
-    CLAMP_PER_ROW: tl.constexpr,
     ROW_AMAX: tl.constexpr,
-    COL_AMAX: tl.constexpr,
-    COL_OPERAND: tl.constexpr,  # column amax of x * rowmul; else of the residual |x - v|
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SUB_M: tl.constexpr,
@@ -224,29 +227,20 @@ def _amax_partials_kernel(
     pid_m = tl.program_id(1)
     for i in tl.static_range(BLOCK_M // SUB_M):
         rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
-        lo = 0.0
-        hi = 0.0
-        if CLAMP:
-            lo, hi = _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP_PER_ROW)
-        if COL_OPERAND:
-            rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
+        rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
         ramax = tl.zeros([SUB_M], dtype=tl.float32)
         for j in tl.static_range(BLOCK_K // SUB_K):
             cols = pid_k * BLOCK_K + j * SUB_K + tl.arange(0, SUB_K)
             x, v = _load_operand(
-                x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL, CLAMP
+                x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, 0.0, 0.0, HAS_COLMUL, False
             )
             if ROW_AMAX:
                 ramax = tl.maximum(ramax, tl.max(tl.abs(v), axis=1))
-            if COL_AMAX:
-                if COL_OPERAND:
-                    c = tl.max(tl.abs(x * rowmul), axis=0)
-                else:
-                    c = tl.max(tl.abs(x - v), axis=0)
-                cp = cpart_ptr + pid_m * K + cols
-                if i > 0:
-                    c = tl.maximum(c, tl.load(cp, mask=cols < K, other=0.0))
-                tl.store(cp, c, mask=cols < K)
+            c = tl.max(tl.abs(x * rowmul), axis=0)
+            cp = cpart_ptr + pid_m * K + cols
+            if i > 0:
+                c = tl.maximum(c, tl.load(cp, mask=cols < K, other=0.0))
+            tl.store(cp, c, mask=cols < K)
         if ROW_AMAX:
             tl.store(rpart_ptr + rows.to(tl.int64) * n_kt + pid_k, ramax, mask=rows < M)
 
@@ -257,17 +251,14 @@ def _scales_kernel(
     cpart_ptr,  # [n_mt, K] float32
     s_row_ptr,  # [Mp] float32 row scales (ROW_AMAX)
     r_row_ptr,  # [Mp] float32 their reciprocals
-    s_col_ptr,  # [K] float32 column scales (COL_SCALES)
+    s_col_ptr,  # [K] float32 column scales
     r_col_ptr,  # [K] float32 their reciprocals
-    col_amax_ptr,  # [K] float32 column amax (COL_AMAX)
     M,
     Mp,
     K,
     n_kt,
     n_mt,
     ROW_AMAX: tl.constexpr,
-    COL_AMAX: tl.constexpr,
-    COL_SCALES: tl.constexpr,
     FMAX_ROW: tl.constexpr,
     FMAX_COL: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -291,7 +282,7 @@ def _scales_kernel(
         tl.store(s_row_ptr + rows, s, mask=rows < Mp)
         tl.store(r_row_ptr + rows, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s),
                  mask=rows < Mp)  # fmt: skip
-    elif COL_AMAX:
+    else:
         cols = (pid - n_row_progs) * BLOCK + tl.arange(0, BLOCK)
         acc_c = tl.zeros([PARTS, BLOCK], dtype=tl.float32)
         for p0 in range(0, n_mt, PARTS):
@@ -299,13 +290,10 @@ def _scales_kernel(
             m2 = (parts < n_mt)[:, None] & (cols < K)[None, :]
             t = tl.load(cpart_ptr + parts[:, None] * K + cols[None, :], mask=m2, other=0.0)
             acc_c = tl.maximum(acc_c, t)
-        amax = tl.max(acc_c, axis=0)
-        tl.store(col_amax_ptr + cols, amax, mask=cols < K)
-        if COL_SCALES:
-            s = _absmax_scale(amax, FMAX_COL)
-            tl.store(s_col_ptr + cols, s, mask=cols < K)
-            tl.store(r_col_ptr + cols, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s),
-                     mask=cols < K)  # fmt: skip
+        s = _absmax_scale(tl.max(acc_c, axis=0), FMAX_COL)
+        tl.store(s_col_ptr + cols, s, mask=cols < K)
+        tl.store(r_col_ptr + cols, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s),
+                 mask=cols < K)  # fmt: skip
 
 
 @triton.jit
@@ -314,24 +302,17 @@ def _quantize_tile_kernel(
     stride_xm,
     colmul_ptr,
     rowmul_ptr,
-    lo_ptr,
-    hi_ptr,
     s_row_ptr,  # [Mp] row scales
     r_row_ptr,  # [Mp] their reciprocals
     s_col_ptr,  # [K] column scales
     r_col_ptr,  # [K] their reciprocals
     q_ptr,  # [Mp, K] row-scaled (STORE_Q)
-    qt_ptr,  # [K, Mp] row-scaled, transposed (STORE_QT)
-    q2t_ptr,  # [K, Mp] column-scaled x * rowmul, transposed (STORE_COL)
+    q2t_ptr,  # [K, Mp] column-scaled x * rowmul, transposed
     M,
     Mp,
     K,
     HAS_COLMUL: tl.constexpr,
-    CLAMP: tl.constexpr,
-    CLAMP_PER_ROW: tl.constexpr,
     STORE_Q: tl.constexpr,
-    STORE_QT: tl.constexpr,
-    STORE_COL: tl.constexpr,
     FMAX: tl.constexpr,
     MBITS: tl.constexpr,
     MIN_EXP: tl.constexpr,
@@ -350,36 +331,29 @@ def _quantize_tile_kernel(
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    lo = 0.0
-    hi = 0.0
-    if CLAMP:
-        lo, hi = _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP_PER_ROW)
-    x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL, CLAMP)
+    x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, 0.0, 0.0, HAS_COLMUL,
+                         False)  # fmt: skip
     omask = (rows < Mp)[:, None] & (cols < K)[None, :]
-    offs_t = cols.to(tl.int64)[None, :] * Mp + rows[:, None]
-    if STORE_Q or STORE_QT:
+    if STORE_Q:
         s = tl.load(s_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
         r = tl.load(r_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
         noise = None
         if SR1:
             noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
         q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX, noise, SR1)
-        if STORE_Q:
-            tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-                     q.to(q_ptr.dtype.element_ty), mask=omask)  # fmt: skip
-        if STORE_QT:
-            tl.store(qt_ptr + offs_t, q.to(qt_ptr.dtype.element_ty), mask=omask)
-    if STORE_COL:
-        rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
-        s2 = tl.load(s_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
-        r2 = tl.load(r_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
-        noise2 = None
-        if SR2:
-            noise2 = tl.rand(seed + 1, rows[:, None] * K + cols[None, :])
-        q2 = _round_to_grid(
-            div_by_scale(x * rowmul, s2, r2), MBITS2, MIN_EXP2, EMAX2, FMAX2, noise2, SR2
-        )
-        tl.store(q2t_ptr + offs_t, q2.to(q2t_ptr.dtype.element_ty), mask=omask)
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                 q.to(q_ptr.dtype.element_ty), mask=omask)  # fmt: skip
+    rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
+    s2 = tl.load(s_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
+    r2 = tl.load(r_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
+    noise2 = None
+    if SR2:
+        noise2 = tl.rand(seed + 1, rows[:, None] * K + cols[None, :])
+    q2 = _round_to_grid(
+        div_by_scale(x * rowmul, s2, r2), MBITS2, MIN_EXP2, EMAX2, FMAX2, noise2, SR2
+    )
+    tl.store(q2t_ptr + cols.to(tl.int64)[None, :] * Mp + rows[:, None],
+             q2.to(q2t_ptr.dtype.element_ty), mask=omask)  # fmt: skip
 
 
 @triton.jit
@@ -392,7 +366,7 @@ def _quantize_rowblock_kernel(
     s_ptr,  # [Mp] float32 row scales
     q_ptr,  # [Mp, K] (STORE_Q)
     qt_ptr,  # [K, Mp] (STORE_QT)
-    cpart_ptr,  # [n_programs, K] float32: column amax of the residual |x - v| (CLAMP)
+    r_ptr,  # [M, K] bf16: the clamped-off residual x - v (CLAMP)
     M,
     Mp,
     K,
@@ -431,12 +405,6 @@ def _quantize_rowblock_kernel(
                 x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL, CLAMP
             )
             acc = tl.maximum(acc, tl.abs(v))
-            if CLAMP:
-                c = tl.max(tl.abs(x - v), axis=0)
-                cp = cpart_ptr + pid * K + cols
-                if blk != pid:
-                    c = tl.maximum(c, tl.load(cp, mask=cols < K, other=0.0))
-                tl.store(cp, c, mask=cols < K)
         s = _absmax_scale(tl.max(acc, axis=1), FMAX)
         r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
         tl.store(s_ptr + rows, s, mask=rows < Mp)
@@ -458,6 +426,10 @@ def _quantize_rowblock_kernel(
             if STORE_QT:
                 tl.store(qt_ptr + cols.to(tl.int64)[None, :] * Mp + rows[:, None],
                          q.to(qt_ptr.dtype.element_ty), mask=omask)  # fmt: skip
+            if CLAMP:
+                rmask = (rows < M)[:, None] & (cols < K)[None, :]
+                tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                         _to_bf16_rne(x - v), mask=rmask)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -519,12 +491,14 @@ def _quantize(
     sr_col: bool = False,
     seed: int = 0,
 ):
-    """The launches; returns (q, s_row [Mp], q_t, q2_t, s_col [K], col_amax [K]), with q2_t
-    and s_col None when the row operand alone took the one-launch row-block path.
+    """The launches; returns ``(q, s_row [Mp], q_t, q2_t, s_col [K], resid [M, K])``.
 
-    ``sr_row`` / ``sr_col``: stochastic rounding of the row- / column-scaled operand, with
-    Philox noise from ``seed`` (``seed + 1`` for the column operand) indexed by the element's
-    position ``row · K + col`` (in int32: tensors beyond 2**31 elements reuse noise).
+    Without a column operand (``col_fmt`` None): the one-launch row-block path; q2_t and s_col
+    are None, ``resid`` is the bf16 residual x − clamp(x) when clamping (else empty). With one
+    (dY): the three launches; ``resid`` is None. ``sr_row`` / ``sr_col``: stochastic rounding
+    of the row- / column-scaled operand, with Philox noise from ``seed`` (``seed + 1`` for the
+    column operand) indexed by the element's position ``row · K + col`` (in int32: tensors
+    beyond 2**31 elements reuse noise).
     """
     if not isinstance(seed, int) or not 0 <= seed < 2**31 - 1:
         raise ValueError(f"seed must be an int in [0, 2**31 - 1), got {seed!r}")
@@ -532,13 +506,14 @@ def _quantize(
     m, k = x.shape
     mp = padded_rows(m)
     dev = x.device
-    rows = row_fmt is not None and (store_q or store_qt)
     cols = col_fmt is not None
     clamp = lo is not None or hi is not None
     if clamp and (lo is None or hi is None):
         raise ValueError("clamping needs both lo and hi, got only one")
     if clamp and cols:
         raise ValueError("the column-wise operand cannot be clamped")
+    if clamp and x.dtype != torch.bfloat16:
+        raise ValueError(f"clamping needs a bf16 x (its residual is stored in bf16), got {x.dtype}")
     per_row = clamp and lo.numel() != 1
     lo = _vec(lo, m if per_row else 1, "lo")
     hi = _vec(hi, m if per_row else 1, "hi")
@@ -546,97 +521,74 @@ def _quantize(
     row_scale = _vec(row_scale, m, "row_scale") if cols else None
     if cols and row_scale is None:
         raise ValueError("the column-wise operand needs row_scale")
-    c1 = format_constants(row_fmt) if row_fmt is not None else format_constants("e4m3")
-    c2 = format_constants(col_fmt) if cols else c1
+    rows = row_fmt is not None and (store_q or store_qt)
     fp8 = FP8_DTYPE[row_fmt] if row_fmt is not None else torch.float8_e4m3fn
     q = empty_output((mp, k) if rows and store_q else (0,), fp8, dev)
     q_t = empty_output((k, mp) if rows and store_qt else (0,), fp8, dev)
-    if rows and not cols and not clamp and m and k:
-        # X, W: one launch; with OCC's clamp the three launches below measured faster
-        s_row = empty_output(mp, torch.float32, dev)
-        _quantize_rows_rowblock(
-            x, m, mp, k, row_fmt, col_scale, lo, hi, per_row, clamp, store_q, store_qt,
-            sr_row, seed, q, q_t, s_row, None,
-        )  # fmt: skip
-        # no q2_t, s_col (quantize_rows drops them); outputs never alias (custom-op rule)
-        return q, s_row, q_t, None, None, torch.empty(0, dtype=torch.float32, device=dev)
-    q2_t = empty_output((k, mp) if cols else (0,), FP8_DTYPE[col_fmt] if cols else fp8, dev)
-    n_s, n_c, n_a = mp if rows else 0, k if cols else 0, k if cols or clamp else 0
+    if not cols:  # X, W (and dY's row operand alone): one launch
+        s_row = empty_output(mp if row_fmt is not None else 0, torch.float32, dev)
+        resid = empty_output((m, k) if clamp else (0,), torch.bfloat16, dev)
+        if m and k and row_fmt is not None:
+            cfg = {key: v for key, v in ROWBLOCK_CONFIG.items() if key != "L2_BYTES"}
+            n_blocks = triton.cdiv(mp, cfg["BLOCK_M"])
+            progs = _rowblock_programs(n_blocks, cfg["BLOCK_M"] * k * x.element_size(), dev)
+            dummy = s_row
+            _quantize_rowblock_kernel[(progs,)](
+                x, x.stride(0), col_scale if col_scale is not None else dummy,
+                lo if clamp else dummy, hi if clamp else dummy, s_row,
+                q if rows and store_q else q_t, q_t if rows and store_qt else q,
+                resid if clamp else q, m, mp, k, HAS_COLMUL=col_scale is not None,
+                CLAMP=clamp, CLAMP_PER_ROW=per_row, STORE_Q=rows and store_q,
+                STORE_QT=rows and store_qt, **format_constants(row_fmt or "e4m3"), seed=seed,
+                SR=rows and sr_row, **cfg,
+            )  # fmt: skip
+        else:
+            s_row.fill_(1.0)
+        # outputs never alias one another (a custom-op rule)
+        return q, s_row, q_t, None, None, resid
+    c1 = format_constants(row_fmt) if row_fmt is not None else format_constants("e4m3")
+    c2 = format_constants(col_fmt)
+    q2_t = empty_output((k, mp), FP8_DTYPE[col_fmt], dev)
+    n_s = mp if rows else 0
     s_row = empty_output(n_s, torch.float32, dev)
-    s_col = empty_output(n_c, torch.float32, dev)
-    col_amax = empty_output(n_a, torch.float32, dev)
-    # the internal float32 buffers in one allocation (each torch.empty costs the host µs)
-    a = AMAX_CONFIG
-    n_kt, n_mt = triton.cdiv(k, a["BLOCK_K"]), triton.cdiv(m, a["BLOCK_M"])
-    n_rp, n_cp = m * n_kt if rows else 1, n_mt * k if cols or clamp else 1
-    r_row, r_col, rpart, cpart = torch.empty(
-        n_s + n_c + n_rp + n_cp, dtype=torch.float32, device=dev
-    ).split([n_s, n_c, n_rp, n_cp])
+    s_col = empty_output(k, torch.float32, dev)
     if m == 0 or k == 0:
         s_row.fill_(1.0)
         s_col.fill_(1.0)
-        col_amax.zero_()
         q.zero_()
-        q_t.zero_()
         q2_t.zero_()
-        return q, s_row, q_t, q2_t, s_col, col_amax
+        return q, s_row, q_t, q2_t, s_col, None
+    # the internal float32 buffers in one allocation (each torch.empty costs the host µs)
+    a = AMAX_CONFIG
+    n_kt, n_mt = triton.cdiv(k, a["BLOCK_K"]), triton.cdiv(m, a["BLOCK_M"])
+    n_rp = m * n_kt if rows else 1
+    r_row, r_col, rpart, cpart = torch.empty(
+        n_s + k + n_rp + n_mt * k, dtype=torch.float32, device=dev
+    ).split([n_s, k, n_rp, n_mt * k])
     dummy = rpart
-    flags = dict(HAS_COLMUL=col_scale is not None, CLAMP=clamp)
+    has_colmul = col_scale is not None
     _amax_partials_kernel[(n_kt, n_mt)](
-        x, x.stride(0), col_scale if col_scale is not None else dummy,
-        row_scale if cols else dummy, lo if clamp else dummy, hi if clamp else dummy,
-        rpart, cpart, m, k, n_kt, CLAMP_PER_ROW=per_row, ROW_AMAX=rows,
-        COL_AMAX=cols or clamp, COL_OPERAND=cols, **flags, **a,
+        x, x.stride(0), col_scale if has_colmul else dummy, row_scale, rpart, cpart, m, k,
+        n_kt, HAS_COLMUL=has_colmul, ROW_AMAX=rows, **a,
     )  # fmt: skip
     block = 256
-    n_progs = (triton.cdiv(mp, block) if rows else 0) + (
-        triton.cdiv(k, block) if cols or clamp else 0
-    )
+    n_progs = (triton.cdiv(mp, block) if rows else 0) + triton.cdiv(k, block)
     _scales_kernel[(n_progs,)](
-        rpart, cpart, s_row if rows else dummy, r_row if rows else dummy,
-        s_col if cols else dummy, r_col if cols else dummy,
-        col_amax if cols or clamp else dummy, m, mp, k, n_kt, n_mt, ROW_AMAX=rows,
-        COL_AMAX=cols or clamp, COL_SCALES=cols, FMAX_ROW=c1["FMAX"], FMAX_COL=c2["FMAX"],
-        BLOCK=block, PARTS=16, num_warps=4,
+        rpart, cpart, s_row if rows else dummy, r_row if rows else dummy, s_col, r_col, m, mp,
+        k, n_kt, n_mt, ROW_AMAX=rows, FMAX_ROW=c1["FMAX"], FMAX_COL=c2["FMAX"], BLOCK=block,
+        PARTS=16, num_warps=4,
     )  # fmt: skip
-    if rows or cols:
-        t = TILE_CONFIG
-        grid = (triton.cdiv(k, t["BLOCK_K"]), triton.cdiv(mp, t["BLOCK_M"]))
-        dummy8 = q if q.numel() else q_t if q_t.numel() else q2_t
-        _quantize_tile_kernel[grid](
-            x, x.stride(0), col_scale if col_scale is not None else dummy,
-            row_scale if cols else dummy, lo if clamp else dummy, hi if clamp else dummy,
-            s_row if rows else dummy, r_row if rows else dummy, s_col if cols else dummy,
-            r_col if cols else dummy, q if rows and store_q else dummy8,
-            q_t if rows and store_qt else dummy8, q2_t if cols else dummy8, m, mp, k,
-            CLAMP_PER_ROW=per_row, STORE_Q=rows and store_q, STORE_QT=rows and store_qt,
-            STORE_COL=cols, **flags, **c1, FMAX2=c2["FMAX"], MBITS2=c2["MBITS"],
-            MIN_EXP2=c2["MIN_EXP"], EMAX2=c2["EMAX"], seed=seed, SR1=rows and sr_row,
-            SR2=cols and sr_col, **t,
-        )  # fmt: skip
-    return q, s_row, q_t, q2_t, s_col, col_amax
-
-
-def _quantize_rows_rowblock(
-    x, m, mp, k, fmt, col_scale, lo, hi, per_row, clamp, store_q, store_qt, sr, seed, q, q_t,
-    s_row, col_amax,
-):  # fmt: skip
-    """One launch of ``_quantize_rowblock_kernel`` (+ a column max of the residual partials
-    when clamping)."""
-    cfg = {key: v for key, v in ROWBLOCK_CONFIG.items() if key != "L2_BYTES"}
-    n_blocks = triton.cdiv(mp, cfg["BLOCK_M"])
-    progs = _rowblock_programs(n_blocks, cfg["BLOCK_M"] * k * x.element_size(), x.device)
-    cpart = torch.empty((progs, k) if clamp else (1,), dtype=torch.float32, device=x.device)
-    dummy8 = q if store_q else q_t
-    _quantize_rowblock_kernel[(progs,)](
-        x, x.stride(0), col_scale if col_scale is not None else cpart,
-        lo if clamp else cpart, hi if clamp else cpart, s_row, q if store_q else dummy8,
-        q_t if store_qt else dummy8, cpart, m, mp, k, HAS_COLMUL=col_scale is not None,
-        CLAMP=clamp, CLAMP_PER_ROW=per_row, STORE_Q=store_q, STORE_QT=store_qt,
-        **format_constants(fmt), seed=seed, SR=sr, **cfg,
+    t = TILE_CONFIG
+    grid = (triton.cdiv(k, t["BLOCK_K"]), triton.cdiv(mp, t["BLOCK_M"]))
+    _quantize_tile_kernel[grid](
+        x, x.stride(0), col_scale if has_colmul else dummy, row_scale,
+        s_row if rows else dummy, r_row if rows else dummy, s_col, r_col,
+        q if rows and store_q else q2_t, q2_t, m, mp, k, HAS_COLMUL=has_colmul,
+        STORE_Q=rows and store_q, **c1, FMAX2=c2["FMAX"], MBITS2=c2["MBITS"],
+        MIN_EXP2=c2["MIN_EXP"], EMAX2=c2["EMAX"], seed=seed, SR1=rows and sr_row, SR2=sr_col,
+        **t,
     )  # fmt: skip
-    if clamp:
-        torch.amax(cpart, dim=0, out=col_amax)
+    return q, s_row, q_t, q2_t, s_col, None
 
 
 @custom_op("fp4train::quantize_rows")
@@ -651,22 +603,22 @@ def quantize_rows(
     stochastic: bool = False,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize each row of ``x`` [M, K] to ``fmt``: ``(q, scale, q_t, resid_col_amax)``.
+    """Quantize each row of ``x`` [M, K] to ``fmt``: ``(q, scale, q_t, resid)``.
 
     The quantized tensor is ``v = x.float() * col_scale`` (if given; [K]) clamped to
     ``[lo, hi]`` (if given; one value each, or [M] per row), one absmax scale per row:
     q [Mp, K] in ``FP8_DTYPE[fmt]`` (``store_q``), scale [Mp] float32, q_t = qᵀ [K, Mp]
     (``store_qt``), with Mp = M rounded up to 16 (zero rows, scale 1). Absent outputs are empty.
-    When clamping, ``resid_col_amax`` [K] is the per-column amax of the residual
-    |x − clamp(x)| (nonzero marks a column holding an outlier), else empty. ``stochastic``
-    rounds up with probability equal to the fractional distance (unbiased), with Philox noise
-    from ``seed``: the same seed gives the same bits.
+    When clamping (x must be bf16), ``resid`` [M, K] bf16 is OCC's residual x − v, dense (zero
+    off the outliers), else empty. ``stochastic`` rounds up with probability equal to the
+    fractional distance (unbiased), with Philox noise from ``seed``: the same seed gives the
+    same bits. One kernel launch.
     """
     if fmt not in FP8_DTYPE:
         raise ValueError(f"the triton kernels quantize to {sorted(FP8_DTYPE)}, not {fmt!r}")
-    q, s, q_t, _, _, col_amax = _quantize(x, fmt, None, col_scale, None, lo, hi, store_q,
-                                          store_qt, stochastic, False, seed)  # fmt: skip
-    return q, s, q_t, col_amax
+    q, s, q_t, _, _, resid = _quantize(x, fmt, None, col_scale, None, lo, hi, store_q,
+                                       store_qt, stochastic, False, seed)  # fmt: skip
+    return q, s, q_t, resid
 
 
 @quantize_rows.op.register_fake
@@ -679,7 +631,7 @@ def _(x, fmt, col_scale=None, lo=None, hi=None, store_q=True, store_qt=False, st
         x.new_empty((mp, k) if store_q else (0,), dtype=fp8),
         x.new_empty(mp, dtype=torch.float32),
         x.new_empty((k, mp) if store_qt else (0,), dtype=fp8),
-        x.new_empty(k if lo is not None else 0, dtype=torch.float32),
+        x.new_empty((m, k) if lo is not None else (0,), dtype=torch.bfloat16),
     )
 
 

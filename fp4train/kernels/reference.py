@@ -41,16 +41,16 @@ def quantize_rows(
     v = x.float()
     if col_scale is not None:
         v = v * col_scale.reshape(1, -1).float()
-    resid_col_amax = x.new_empty(0, dtype=torch.float32)
+    resid = x.new_empty(0, dtype=torch.bfloat16)
     if lo is not None:
         v = torch.clamp(v, min=lo.float().reshape(-1, 1), max=hi.float().reshape(-1, 1))
-        resid_col_amax = (x.float() - v).abs().amax(dim=0)
+        resid = (x.float() - v).bfloat16()
     qt = quantize(v, fmt, "row", nonfinite="propagate")
     q = _pad_rows(qt.data, mp, 0.0).to(FP8_DTYPE[fmt])
     scale = _pad_rows(qt.scale.reshape(-1), mp, 1.0)
     empty = x.new_empty(0, dtype=FP8_DTYPE[fmt])
     return (q if store_q else empty, scale, q.t().contiguous() if store_qt else empty,
-            resid_col_amax)  # fmt: skip
+            resid)  # fmt: skip
 
 
 def quantize_rowwise_and_colwise(
