@@ -5,6 +5,9 @@ Works on any ``nn.Module`` (our ``fp4train.model.LLaMA``, Hugging Face ``LlamaFo
 LM head (a layer named ``lm_head`` or ``output``, or one whose weight is tied to an embedding)
 stays in high precision unless ``recipe.quantize_lm_head``. Layers the recipe cannot handle
 (e.g. an in-features count not divisible by a block size) are skipped with a logged reason.
+
+``recipe.act_save`` is not a layer swap: :func:`set_act_save` writes it onto the SwiGLU MLPs
+of a ``fp4train.model.LLaMA`` (other models have none to set, and a warning says so).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from fp4train.linear import FP4Linear
+from fp4train.model import FeedForward
 from fp4train.recipe import OPERANDS, Recipe
 
-__all__ = ["convert", "unsupported_reason"]
+__all__ = ["convert", "set_act_save", "unsupported_reason"]
 
 log = logging.getLogger("fp4train")
 _HEAD_NAMES = ("lm_head", "output")
@@ -44,6 +48,21 @@ def unsupported_reason(recipe: Recipe, in_features: int, out_features: int) -> s
     return None
 
 
+def set_act_save(model: nn.Module, act_save: str | None) -> int:
+    """Set how every SwiGLU ``FeedForward`` of ``model`` saves its inputs for backward
+    (``Recipe.act_save``: None or ``"e4m3"``); returns how many MLPs took it."""
+    mlps = [m for m in model.modules() if isinstance(m, FeedForward) and m.swiglu]
+    for m in mlps:
+        m.act_save = act_save
+    if act_save is not None and not mlps:
+        log.warning(
+            "fp4train.convert: act_save=%r has no effect: the model has no fp4train.model "
+            "SwiGLU MLP, so its activations are saved as computed",
+            act_save,
+        )
+    return len(mlps)
+
+
 def _tied_to_embedding(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
@@ -62,7 +81,8 @@ def convert(
             it returns True are converted (all eligible ones when None).
 
     Returns the same ``model``. Parameters are reused, not copied, so an optimizer built
-    before conversion still holds the right tensors.
+    before conversion still holds the right tensors. ``recipe.act_save`` is applied with
+    :func:`set_act_save`.
     """
     if isinstance(recipe, str):
         recipe = Recipe.preset(recipe)
@@ -96,5 +116,6 @@ def convert(
         parent_name, _, leaf = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, FP4Linear.from_linear(mod, recipe))
+    set_act_save(model, recipe.act_save)
     log.info("fp4train.convert: %d linear layers now use recipe %s", len(swaps), recipe.name)
     return model

@@ -16,9 +16,11 @@ Checkpoints in the unfused layout (``wq, wk, wv``; ``w1, w3``) still load: their
 concatenated on the way in. The paper's model is LLaMA-2 with a GeLU MLP of width 4·dim
 (``mlp="gelu"``); ``mlp="swiglu"`` is LLaMA's.
 
-Norms, RoPE and the loss compute in float32 also under bf16 autocast. RMSNorm is an autograd
-Function that saves only its input and one float32 rstd per row for backward (:func:`rms_norm`),
-not the float32 intermediates autograd of the formula would keep. RoPE rotates the two
+Norms, SwiGLU, RoPE and the loss compute in float32 also under bf16 autocast. RMSNorm and
+SwiGLU are autograd Functions that save only their inputs (and one float32 rstd per row) for
+backward and recompute the rest there (:func:`rms_norm`, :func:`swiglu`), not the float32
+intermediates autograd of the formulas would keep; SwiGLU can keep its inputs in FP8 E4M3
+(``Recipe.act_save``). RoPE rotates the two
 halves of each head (the GPT-NeoX / Hugging Face LLaMA layout: pair ``i`` is
 ``(x[i], x[i + head_dim/2])``), not interleaved pairs as in Meta's reference code.
 """
@@ -37,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp4train.formats import E4M3
+from fp4train.quantize import quantize
+
 __all__ = [
     "ModelConfig",
     "CONFIGS",
@@ -44,11 +49,13 @@ __all__ = [
     "LLaMA",
     "RMSNorm",
     "rms_norm",
+    "swiglu",
     "apply_rope",
     "rope_cache",
 ]
 
 _MLPS = ("swiglu", "gelu")
+_ACT_SAVES = (None, "e4m3")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -256,6 +263,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 class _RMSNormFn(torch.autograd.Function):
     """RMSNorm that saves x (as given) and the per-row rstd [..., 1] for backward, and
     recomputes the normalized x̂ = x · rstd there: autograd of the plain formula would also
@@ -263,11 +274,10 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x_w = x.to(work)
+        x_w = x.to(_work_dtype(x))
         rstd = torch.rsqrt(x_w.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
         ctx.save_for_backward(x, weight, rstd)
-        return _cast(x_w * rstd * weight.to(work), x.dtype)
+        return _cast(x_w * rstd * weight.to(x_w.dtype), x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -302,6 +312,57 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+def _e4m3_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [..., D] as FP8 E4M3 values (1 byte each) and one float32 absmax scale per row
+    [..., 1], by the reference quantizer; NaN/Inf propagate (no host sync to check them)."""
+    q = quantize(t, E4M3, "row", nonfinite="propagate")
+    return q.data.to(torch.float8_e4m3fn), q.scale  # exact: q.data lies on the E4M3 grid
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    """``silu(a) · b`` that saves only a and b for backward (or, with ``act_save="e4m3"``,
+    their E4M3 values and per-row scales) and recomputes sigmoid(a) there: autograd of the
+    formula would also keep silu(a)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, act_save: str | None) -> torch.Tensor:
+        work = _work_dtype(a)
+        ctx.act_save, ctx.work, ctx.dtypes = act_save, work, (a.dtype, b.dtype)
+        if act_save == "e4m3":
+            ctx.save_for_backward(*_e4m3_rows(a), *_e4m3_rows(b))
+        else:
+            ctx.save_for_backward(a, b)
+        return _cast(F.silu(a.to(work)) * b.to(work), a.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        if ctx.act_save == "e4m3":
+            a_e4m3, scale_a, b_e4m3, scale_b = ctx.saved_tensors
+            a, b = a_e4m3.to(ctx.work) * scale_a, b_e4m3.to(ctx.work) * scale_b
+        else:
+            a, b = (t.to(ctx.work) for t in ctx.saved_tensors)
+        dy_w = dy.to(ctx.work)
+        sig = torch.sigmoid(a)
+        da = db = None
+        if ctx.needs_input_grad[0]:
+            # d silu(a) / da = σ(a) · (1 + a · (1 − σ(a)))
+            da = _cast(dy_w * b * sig * (1 + a * (1 - sig)), ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            db = _cast(dy_w * (a * sig), ctx.dtypes[1])
+        return da, db, None
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor, act_save: str | None = None) -> torch.Tensor:
+    """``silu(a) * b`` in float32 (float64 for float64 input), returned in a's dtype.
+
+    Backward keeps a and b as they are (``act_save=None``) or in FP8 E4M3 with one float32
+    absmax scale per row (``act_save="e4m3"``, see ``Recipe.act_save``), and recomputes silu.
+    """
+    if act_save not in _ACT_SAVES:
+        raise ValueError(f"act_save must be one of {_ACT_SAVES}, got {act_save!r}")
+    return _SwiGLUFn.apply(a, b, act_save)
 
 
 def rope_cache(
@@ -372,11 +433,16 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU ``w2(silu(a) * b)`` with ``a, b`` the two halves of ``w13(x)`` (w1's rows, then
-    w3's), or GeLU ``w2(gelu(w1(x)))``."""
+    w3's), or GeLU ``w2(gelu(w1(x)))``.
+
+    ``act_save`` (None or ``"e4m3"``; :func:`fp4train.convert` sets it from the recipe) is how
+    the SwiGLU keeps a and b for backward, see :func:`swiglu`.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.act_save: str | None = None
         if self.swiglu:
             self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
             self.register_load_state_dict_pre_hook(
@@ -389,7 +455,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             a, b = self.w13(x).chunk(2, dim=-1)
-            return self.w2(F.silu(a) * b)
+            return self.w2(swiglu(a, b, self.act_save))
         return self.w2(F.gelu(self.w1(x)))
 
 

@@ -25,6 +25,12 @@ quantization and adds the clamped-off residual back in high precision.
 gradients in FP8 (``"e5m2"`` or ``"e4m3"``, the paper's MS-AMP scheme, see
 :mod:`fp4train.distributed`); None (every preset) keeps the plain float32 all-reduce, which
 measured faster on NVLink. It has no effect in a single process.
+
+``act_save`` is not a GEMM setting either: it says how the non-GEMM activations that autograd
+keeps for backward are stored. None (every preset) saves them in the compute dtype; ``"e4m3"``
+saves the two inputs of each SwiGLU of a ``fp4train.model`` MLP in FP8 E4M3 with one float32
+absmax scale per row (COAT-style activation compression: 1 byte per element instead of 2 under
+bf16), dequantized in backward. :func:`fp4train.convert` sets it on the model's MLPs.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ _ROUNDINGS = ("nearest", "stochastic")
 _BACKENDS = ("auto", "triton", "reference")
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 _GRAD_COMMS = (None, "e5m2", "e4m3")
+_ACT_SAVES = (None, "e4m3")
 # granularities whose scales sit off the GEMM's reduction dim (or blocks along it)
 _ALLOWED_GRAN = {
     "fwd_x": ("tensor", "row", "block"),
@@ -120,6 +127,7 @@ class Recipe:
     quantize_lm_head: bool = False  # convert() leaves the LM head in high precision by default
     nonfinite: str = "raise"  # "raise": NaN/Inf entering a quantized GEMM raise (reference path)
     grad_comm: str | None = None  # DDP gradient all-reduce in FP8: None, "e5m2" or "e4m3"
+    act_save: str | None = None  # SwiGLU inputs saved for backward: None (as computed), "e4m3"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -207,6 +215,8 @@ class Recipe:
         lines.append(f"  occ       {self.occ if self.occ else 'off'}")
         lines.append(f"  backend   {self.backend}")
         lines.append(f"  grad_comm {self.grad_comm or 'float32 all-reduce'}")
+        act_save = f"{self.act_save} per row" if self.act_save else "compute dtype"
+        lines.append(f"  act_save  SwiGLU inputs in {act_save}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -350,6 +360,8 @@ def _validate(r: Recipe) -> None:
         raise bad("nonfinite", r.nonfinite, ("raise", "propagate"))
     if r.grad_comm not in _GRAD_COMMS:
         raise bad("grad_comm", r.grad_comm, _GRAD_COMMS)
+    if r.act_save not in _ACT_SAVES:
+        raise bad("act_save", r.act_save, _ACT_SAVES)
 
 
 def _w4a4(name: str, dge: bool, occ: bool) -> Recipe:

@@ -551,14 +551,16 @@ def _model_config(name: str, vocab_size: int):
 
 
 def build_model(model_config, recipe: Recipe) -> nn.Module:
-    """A float32 LLaMA on the CPU, converted to ``recipe`` unless it quantizes nothing."""
+    """A float32 LLaMA on the CPU, converted to ``recipe`` unless it quantizes nothing (then
+    only its ``act_save`` is set)."""
+    from fp4train.convert import convert, set_act_save
     from fp4train.model import LLaMA
 
     model = LLaMA(model_config)
-    if recipe.quantized:  # a recipe without quantized operands equals plain nn.Linear
-        from fp4train.convert import convert
-
+    if recipe.quantized:
         convert(model, recipe)
+    else:  # a recipe without quantized operands equals plain nn.Linear
+        set_act_save(model, recipe.act_save)
     return model
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 
 from fp4train import FP4Linear, Recipe, convert
+from fp4train.convert import set_act_save
+from fp4train.model import LLaMA, ModelConfig
 
 
 class _Toy(nn.Module):
@@ -92,6 +94,29 @@ def test_convert_is_idempotent_and_validates():
         convert("model", "fp4-paper")
     with pytest.raises(TypeError, match="from_linear"):
         convert(nn.Linear(4, 4), "fp4-paper")
+
+
+@pytest.mark.parametrize("mlp, n_set", [("swiglu", 2), ("gelu", 0)])
+def test_convert_sets_act_save_on_swiglu_mlps(mlp, n_set, caplog):
+    config = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64, max_seq_len=8, mlp=mlp)
+    model = LLaMA(config)
+    recipe = Recipe.preset("fp4-direct").replace(act_save="e4m3")
+    with caplog.at_level(logging.WARNING, logger="fp4train"):
+        convert(model, recipe)
+    acts = [blk.feed_forward.act_save for blk in model.layers]
+    assert acts == (["e4m3"] * 2 if mlp == "swiglu" else [None] * 2)
+    assert any("act_save='e4m3' has no effect" in r.message for r in caplog.records) == (n_set == 0)
+    assert set_act_save(model, None) == n_set
+    assert all(blk.feed_forward.act_save is None for blk in model.layers)
+
+
+def test_act_save_on_a_model_without_swiglu_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="fp4train"):
+        convert(_Toy(), Recipe.preset("fp4-paper").replace(act_save="e4m3"))
+        assert any("no fp4train.model SwiGLU MLP" in r.message for r in caplog.records)
+        caplog.clear()
+        convert(_Toy(), "fp4-paper")  # act_save None: nothing to say
+        assert not caplog.records
 
 
 def test_convert_hf_llama():

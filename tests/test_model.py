@@ -1,12 +1,14 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fp4train import FP4Linear, convert
+from fp4train import FP4Linear, Recipe, convert
+from fp4train.convert import set_act_save
 from fp4train.model import (
     CONFIGS,
     LLaMA,
@@ -16,6 +18,7 @@ from fp4train.model import (
     get_config,
     rms_norm,
     rope_cache,
+    swiglu,
 )
 
 
@@ -422,6 +425,119 @@ def test_rmsnorm_saves_only_x_and_rstd(dtype):
     assert plain >= 2 * x.numel() * 4  # the formula keeps float32 x and x̂
 
 
+def _swiglu_inputs(dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(3, 5, 48, generator=g) * 2).to(dtype)
+    b = torch.randn(3, 5, 48, generator=g).to(dtype)
+    a[0, 0] = 0  # an all-zero row: scale 1, no NaN
+    b[1, 2, :7] *= 300  # a row whose absmax sets a large scale
+    dy = torch.randn(3, 5, 48, generator=g).to(dtype)
+    return a.requires_grad_(), b.requires_grad_(), dy
+
+
+def _swiglu_formula(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (F.silu(a.float()) * b.float()).to(a.dtype)
+
+
+@pytest.mark.parametrize("act_save", [None, "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_forward_equals_formula(dtype, act_save):
+    a, b, _ = _swiglu_inputs(dtype)
+    out = swiglu(a, b, act_save)
+    assert out.dtype == dtype
+    assert torch.equal(out, _swiglu_formula(a, b))  # saving in E4M3 changes backward only
+    if dtype == torch.float32:
+        assert torch.equal(out, F.silu(a) * b)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
+def test_swiglu_backward_equals_autograd_of_formula(dtype, rtol):
+    a, b, dy = _swiglu_inputs(dtype)
+    swiglu(a, b).backward(dy)
+    a2, b2 = (t.detach().clone().requires_grad_() for t in (a, b))
+    _swiglu_formula(a2, b2).backward(dy)
+    assert a.grad.dtype == b.grad.dtype == dtype
+    for got, want in ((a.grad, a2.grad), (b.grad, b2.grad)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6)
+
+
+def test_swiglu_gradcheck_float64():
+    a, b, _ = _swiglu_inputs(torch.float64)
+    a, b = (t.detach()[:2, :2].requires_grad_() for t in (a, b))
+    assert torch.autograd.gradcheck(swiglu, (a, b))
+
+
+def _e4m3_dequantized_float64(t: torch.Tensor) -> torch.Tensor:
+    """Independent reference: float32 scale amax / 448 per row, E4M3 rounding by ml_dtypes."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = t.detach().double().numpy()
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, (amax / 448.0).astype(np.float32), np.float32(1)).astype(np.float64)
+    q = (x / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return torch.from_numpy(q * scale)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-8)])
+def test_swiglu_e4m3_backward_is_the_formula_on_dequantized_inputs(dtype, rtol):
+    a, b, dy = _swiglu_inputs(dtype)
+    swiglu(a, b, "e4m3").backward(dy)
+    a_hat, b_hat = (_e4m3_dequantized_float64(t).requires_grad_() for t in (a, b))
+    (F.silu(a_hat) * b_hat).backward(dy.double())
+    assert a.grad.dtype == b.grad.dtype == dtype
+    for got, want in ((a.grad, a_hat.grad), (b.grad, b_hat.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-5)
+    # and it is not the exact gradient: E4M3 keeps 3 mantissa bits
+    a.grad = None
+    swiglu(a, b).backward(dy)
+    assert not torch.equal(a.grad, a_hat.grad.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_saves_only_its_inputs(dtype):
+    a, b, _ = _swiglu_inputs(dtype)
+    n, rows = a.numel(), a.numel() // a.shape[-1]
+    nbytes, saved = _saved_activation_bytes(lambda: swiglu(a, b))
+    assert nbytes == 2 * n * a.element_size() and {id(t) for t in saved} == {id(a), id(b)}
+    nbytes, saved = _saved_activation_bytes(lambda: swiglu(a, b, "e4m3"))
+    assert nbytes == 2 * (n * 1 + rows * 4)  # 1-byte values + a float32 scale per row
+    assert [t.dtype for t in saved] == 2 * [torch.float8_e4m3fn, torch.float32]
+    plain, _ = _saved_activation_bytes(lambda: _swiglu_formula(a, b))
+    assert plain >= 3 * n * 4  # the formula keeps float32 a, b and silu(a)
+
+
+def test_swiglu_rejects_unknown_act_save():
+    a, b, _ = _swiglu_inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"act_save must be one of \(None, 'e4m3'\), got 'fp8'"):
+        swiglu(a, b, "fp8")
+
+
+@pytest.mark.parametrize("recipe", [None, "fp4-paper"])
+def test_trains_with_e4m3_saved_swiglu_inputs(recipe, one_thread):
+    idx = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for act_save in (None, "e4m3"):
+        model = make_model(n_kv_heads=2)
+        if recipe is not None:
+            convert(model, Recipe.preset(recipe).replace(act_save=act_save))
+        else:
+            set_act_save(model, act_save)
+        assert all(blk.feed_forward.act_save == act_save for blk in model.layers)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(6):
+            loss = model(idx[:, :-1], idx[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs[act_save] = losses
+    assert all(math.isfinite(x) for x in runs["e4m3"])
+    assert runs["e4m3"][0] == runs[None][0]  # same forward; backward differs
+    assert runs["e4m3"][-1] < 0.9 * runs["e4m3"][0], runs
+    for x, y in zip(runs["e4m3"], runs[None], strict=True):
+        assert abs(x - y) < 0.02 * y, runs
+
+
 def test_rmsnorm_computes_in_float32():
     torch.manual_seed(0)
     norm = RMSNorm(64)
@@ -448,8 +564,9 @@ def test_bf16_autocast_forward_close_to_float32():
     assert abs(loss16.item() - loss32.item()) < 0.02
 
 
-def _compiled_matches_eager(backend: str) -> None:
+def _compiled_matches_eager(backend: str, act_save: str | None = None) -> None:
     model = make_model(n_kv_heads=2)
+    set_act_save(model, act_save)
     idx = torch.randint(0, 300, (2, 32))
     model(idx, idx).backward()
     want = [p.grad.clone() for p in model.parameters()]
@@ -462,13 +579,15 @@ def _compiled_matches_eager(backend: str) -> None:
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
-def test_compiles_without_graph_breaks():
-    _compiled_matches_eager("aot_eager")
+@pytest.mark.parametrize("act_save", [None, "e4m3"])
+def test_compiles_without_graph_breaks(act_save):
+    _compiled_matches_eager("aot_eager", act_save)
 
 
 @pytest.mark.slow
-def test_inductor_compile_matches_eager():
-    _compiled_matches_eager("inductor")  # ~30 s on a CPU: C++ codegen for forward and backward
+@pytest.mark.parametrize("act_save", [None, "e4m3"])
+def test_inductor_compile_matches_eager(act_save):
+    _compiled_matches_eager("inductor", act_save)  # ~30 s on a CPU: C++ codegen, fwd and bwd
 
 
 # ---- training and generation -----------------------------------------------------------------

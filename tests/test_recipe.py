@@ -336,3 +336,17 @@ def test_grad_comm_field():
     assert r.with_overrides(["grad_comm=none"]).grad_comm is None
     with pytest.raises(ValueError, match=r"'grad_comm' = 'e2m1' is invalid; allowed: \(None, "):
         Recipe.preset("bf16").replace(grad_comm="e2m1")
+
+
+def test_act_save_field():
+    for name in Recipe.presets():
+        assert Recipe.preset(name).act_save is None  # activation compression is opt-in
+        assert "act_save  SwiGLU inputs in compute dtype" in Recipe.preset(name).describe()
+    r = Recipe.preset("fp4-paper").with_overrides(["act_save=e4m3"])
+    assert r.act_save == "e4m3" and "act_save  SwiGLU inputs in e4m3 per row" in r.describe()
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    assert r.with_overrides(["act_save=none"]).act_save is None
+    with pytest.raises(
+        ValueError, match=r"'act_save' = 'e5m2' is invalid; allowed: \(None, 'e4m3'\)"
+    ):
+        Recipe.preset("bf16").replace(act_save="e5m2")

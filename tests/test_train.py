@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_micro_run
 
-from fp4train import Recipe
+from fp4train import FP4Linear, Recipe
 from fp4train import train as train_mod
 from fp4train.data import Batcher, prepare_data
 from fp4train.model import LLaMA, ModelConfig
@@ -18,6 +18,7 @@ from fp4train.train import (
     ConfigError,
     NonFiniteLossError,
     TrainConfig,
+    build_model,
     build_optimizer,
     eval_checkpoint,
     load_checkpoint,
@@ -258,6 +259,24 @@ def test_tensorboard_event_files_hold_the_logged_scalars(micro, tmp_path):
     assert all(tb[k] == pytest.approx(logged[k], rel=1e-6) for k in logged)
 
 
+def test_act_save_recipe_trains_close_to_the_default(micro, tmp_path):
+    bf16 = build_model(
+        ModelConfig(dim=32, n_layers=2, n_heads=2), parse_recipe("bf16[act_save=e4m3]")
+    )
+    assert [blk.feed_forward.act_save for blk in bf16.layers] == ["e4m3", "e4m3"]
+    assert not any(isinstance(m, FP4Linear) for m in bf16.modules())  # bf16: no layer swapped
+    plain = train(_cfg(micro, tmp_path / "plain", recipe="fp4-paper", max_steps=4))
+    out = tmp_path / "e4m3"
+    e4m3 = train(_cfg(micro, out, recipe="fp4-paper[act_save=e4m3]", max_steps=4))
+    assert load_checkpoint(out)["recipe"]["act_save"] == "e4m3"
+    a, b = [x[1] for x in _losses(tmp_path / "plain")], [x[1] for x in _losses(out)]
+    assert len(b) == 4 and a[0] == b[0]  # same forward; E4M3 storage changes the gradients
+    assert all(math.isfinite(y) and abs(y - x) < 0.02 * x for x, y in zip(a, b, strict=True))
+    assert abs(e4m3["val_loss"] - plain["val_loss"]) < 0.02 * plain["val_loss"]
+    with pytest.raises(CheckpointError, match="act_save 'e4m3' vs None"):
+        train(_cfg(micro, out, recipe="fp4-paper", max_steps=6, resume=True))
+
+
 def test_mismatched_state_dict_is_refused(micro, tmp_path):
     out = tmp_path / "run"
     train(_cfg(micro, out, max_steps=2, recipe="bf16"))
@@ -348,7 +367,7 @@ def test_config_validation():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("recipe", ["bf16", "fp4-paper"])
+@pytest.mark.parametrize("recipe", ["bf16", "fp4-paper", "fp4-paper[act_save=e4m3]"])
 def test_trains_on_gpu_under_bf16_autocast(micro, tmp_path, recipe):
     out = tmp_path / recipe
     r = train(_cfg(micro, out, recipe=recipe, device="cuda", monitor_every=2))
