@@ -421,7 +421,9 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        # a copy: attention saves v for backward, and as a view v would keep all of wqkv's
+        # output alive (q and k leave through RoPE's new tensors)
+        v = v.contiguous().view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
         # enable_gqa lets each group of n_heads / n_kv_heads query heads share one kv head

@@ -306,6 +306,18 @@ def test_attention_matches_explicit_float64():
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_attention_does_not_keep_the_fused_qkv_output():
+    model = make_model(n_kv_heads=2)
+    attn = model.layers[0].attention
+    qkv = []
+    attn.wqkv.register_forward_hook(lambda m, args, out: qkv.append(out))
+    x = torch.randn(2, 10, 64, requires_grad=True)
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    _, saved = _saved_activation_bytes(lambda: attn(x, cos, sin), *attn.parameters())
+    storage = qkv[0].untyped_storage().data_ptr()
+    assert saved and all(t.untyped_storage().data_ptr() != storage for t in saved)
+
+
 def test_swiglu_feed_forward_matches_explicit_float64():
     model = make_model()
     ff = model.layers[0].feed_forward
