@@ -16,12 +16,12 @@ Checkpoints in the unfused layout (``wq, wk, wv``; ``w1, w3``) still load: their
 concatenated on the way in. The paper's model is LLaMA-2 with a GeLU MLP of width 4·dim
 (``mlp="gelu"``); ``mlp="swiglu"`` is LLaMA's.
 
-Norms, SwiGLU, RoPE and the loss compute in float32 also under bf16 autocast. RMSNorm and
-SwiGLU are autograd Functions that save only their inputs (and one float32 rstd per row) for
-backward and recompute the rest there (:func:`rms_norm`, :func:`swiglu`), not the float32
-intermediates autograd of the formulas would keep; SwiGLU can keep its inputs in FP8 E4M3
-(``Recipe.act_save``). RoPE rotates the two
-halves of each head (the GPT-NeoX / Hugging Face LLaMA layout: pair ``i`` is
+Norms, RoPE and the loss compute in float32 also under bf16 autocast; SwiGLU in its inputs'
+dtype, as ``F.silu(a) * b`` does. RMSNorm and SwiGLU are autograd Functions that save only
+their inputs (and one float32 rstd per row) for backward and recompute the rest there
+(:func:`rms_norm`, :func:`swiglu`), not the intermediates autograd of the formulas would keep;
+SwiGLU can keep its inputs in FP8 E4M3 (``Recipe.act_save``). RoPE rotates the two halves of
+each head (the GPT-NeoX / Hugging Face LLaMA layout: pair ``i`` is
 ``(x[i], x[i + head_dim/2])``), not interleaved pairs as in Meta's reference code.
 """
 
@@ -316,46 +316,57 @@ class RMSNorm(nn.Module):
 
 def _e4m3_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t [..., D] as FP8 E4M3 values (1 byte each) and one float32 absmax scale per row
-    [..., 1], by the reference quantizer; NaN/Inf propagate (no host sync to check them)."""
+    [..., 1]; NaN/Inf propagate (no host sync to check them). On an FP8-capable GPU one
+    Triton launch (``fp4train.kernels.quantize_rows``, bit for bit the reference quantizer's
+    numbers), elsewhere the reference quantizer."""
+    if t.is_cuda and t.dtype in (torch.bfloat16, torch.float32) and t.numel():
+        from fp4train import kernels
+
+        if kernels.triton_available():
+            from fp4train.kernels.quantize import quantize_rows
+
+            t2 = t.reshape(-1, t.shape[-1])
+            q, s, _, _ = quantize_rows(t2, "e4m3", store_q=True)
+            m = t2.shape[0]
+            return q[:m].view(t.shape), s[:m].view(*t.shape[:-1], 1)
     q = quantize(t, E4M3, "row", nonfinite="propagate")
     return q.data.to(torch.float8_e4m3fn), q.scale  # exact: q.data lies on the E4M3 grid
 
 
 class _SwiGLUFn(torch.autograd.Function):
     """``silu(a) · b`` that saves only a and b for backward (or, with ``act_save="e4m3"``,
-    their E4M3 values and per-row scales) and recomputes sigmoid(a) there: autograd of the
-    formula would also keep silu(a)."""
+    their E4M3 values and per-row scales) and recomputes silu there: autograd of the formula
+    would also keep silu(a). Computed in the inputs' dtype, as ``F.silu(a) * b`` is (torch's
+    kernels work in float32 per element); the backward uses torch's ``silu_backward``."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, act_save: str | None) -> torch.Tensor:
-        work = _work_dtype(a)
-        ctx.act_save, ctx.work, ctx.dtypes = act_save, work, (a.dtype, b.dtype)
+        ctx.act_save, ctx.dtypes = act_save, (a.dtype, b.dtype)
         if act_save == "e4m3":
             ctx.save_for_backward(*_e4m3_rows(a), *_e4m3_rows(b))
         else:
             ctx.save_for_backward(a, b)
-        return _cast(F.silu(a.to(work)) * b.to(work), a.dtype)
+        return F.silu(a) * b
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        if ctx.act_save == "e4m3":
+        if ctx.act_save == "e4m3":  # dequantized in float32 (a bf16 rounding of a would move
+            # silu'(a)'s zero), the gradients computed there and cast back
             a_e4m3, scale_a, b_e4m3, scale_b = ctx.saved_tensors
-            a, b = a_e4m3.to(ctx.work) * scale_a, b_e4m3.to(ctx.work) * scale_b
+            work = _work_dtype(dy)
+            a, b, dy = a_e4m3.to(work) * scale_a, b_e4m3.to(work) * scale_b, dy.to(work)
         else:
-            a, b = (t.to(ctx.work) for t in ctx.saved_tensors)
-        dy_w = dy.to(ctx.work)
-        sig = torch.sigmoid(a)
+            a, b = ctx.saved_tensors
         da = db = None
         if ctx.needs_input_grad[0]:
-            # d silu(a) / da = σ(a) · (1 + a · (1 − σ(a)))
-            da = _cast(dy_w * b * sig * (1 + a * (1 - sig)), ctx.dtypes[0])
+            da = _cast(torch.ops.aten.silu_backward(dy * b, a), ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            db = _cast(dy_w * (a * sig), ctx.dtypes[1])
+            db = _cast(dy * F.silu(a), ctx.dtypes[1])
         return da, db, None
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor, act_save: str | None = None) -> torch.Tensor:
-    """``silu(a) * b`` in float32 (float64 for float64 input), returned in a's dtype.
+    """``silu(a) * b`` in a's dtype (the same numbers as ``F.silu(a) * b``).
 
     Backward keeps a and b as they are (``act_save=None``) or in FP8 E4M3 with one float32
     absmax scale per row (``act_save="e4m3"``, see ``Recipe.act_save``), and recomputes silu.

@@ -120,6 +120,20 @@ def test_occ_thresholds_and_clamp_bit_exact(granularity, gen):
         _assert_same(a, b, f"clamped X {name}", seed)
 
 
+def test_swiglu_e4m3_saved_inputs_match_the_reference_quantizer(gen):
+    from fp4train import model as fmodel
+    from fp4train.formats import E4M3
+    from fp4train.quantize import quantize
+
+    g, seed = gen
+    a = (torch.randn(3, 37, 5632, device="cuda", generator=g) * 4).bfloat16()
+    q, s = fmodel._e4m3_rows(a)  # the Triton path on the GPU
+    want = quantize(a.cpu(), E4M3, "row", nonfinite="propagate")
+    assert q.shape == a.shape and s.shape == (3, 37, 1), f"seed {seed}"
+    assert torch.equal(s.cpu(), want.scale), f"seed {seed}"
+    assert torch.equal(q.cpu().float(), want.data.float()), f"seed {seed}"
+
+
 def test_dge_weight_grad_matches_reference(gen):
     g, seed = gen
     w = torch.randn(512, 1024, device="cuda", generator=g) * 0.02
