@@ -27,6 +27,9 @@ states are rounded to nearest (ties to even) each step; the E4M3 first moment ca
 relative error of at most 2**-4 per element (half an ulp with 3 mantissa bits), the FP16
 sqrt(v) at most 2**-11. ``"float32"`` for both states reproduces ``torch.optim.AdamW``.
 
+On CUDA the step of each parameter runs as one Triton kernel (``fused``, the default there;
+:mod:`fp4train.kernels.adamw`), the same float32 arithmetic in one pass over memory.
+
 Parameters may be float32 master weights or bf16/fp16 (the update is rounded back to the
 parameter's dtype). Under FSDP2 (``fully_shard``) each rank keeps the states of its local
 shard, as plain tensors (blocks run over the shard): save them per rank with
@@ -37,6 +40,7 @@ Non-finite gradients propagate (NaN spreads over their block), as with ``torch.o
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +162,12 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             (``"e4m3"``, ``"float16"``, ``"bfloat16"``, ``"float32"``).
         exp_avg_sq_dtype: storage of sqrt(second moment), same choices.
         block_size: elements per float32 scale for the ``"e4m3"`` / ``"float16"`` states.
+        fused: one Triton launch per parameter (:mod:`fp4train.kernels.adamw`) instead of the
+            eager step's ~20 kernels. None (default): on CUDA parameters when Triton and an
+            FP8 GPU are there and the states are the defaults (E4M3 m, FP16 sqrt(v), a
+            power-of-two ``block_size``); True: required (ValueError if it cannot run);
+            False: never. The two agree to the last bit of float32 arithmetic (a state may
+            land one grid step apart where that bit decides its rounding).
 
     Example::
 
@@ -175,7 +185,11 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         exp_avg_dtype: str = "e4m3",
         exp_avg_sq_dtype: str = "float16",
         block_size: int = 128,
+        fused: bool | None = None,
     ) -> None:
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.fused = fused
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
@@ -216,6 +230,14 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                         self._store(state, name, torch.zeros_like(g), codecs[name], bs)
                 state["step"] = state["step"] + 1  # new tensor: saved state dicts stay put
                 t = state["step"].item()
+                if self._use_fused(p_local, group):
+                    from fp4train.kernels.adamw import adamw_lp_step
+
+                    adamw_lp_step(
+                        p_local, _local(p.grad), state, lr=lr, beta1=beta1, beta2=beta2,
+                        eps=eps, weight_decay=wd, step=t, block_size=bs,
+                    )  # fmt: skip
+                    continue
                 m = self._load(state, "exp_avg", codecs["exp_avg"], bs)
                 r = self._load(state, "sqrt_exp_avg_sq", codecs["sqrt_exp_avg_sq"], bs)
 
@@ -231,6 +253,32 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 self._store(state, "exp_avg", m, codecs["exp_avg"], bs)
                 self._store(state, "sqrt_exp_avg_sq", r, codecs["sqrt_exp_avg_sq"], bs, True)
         return loss
+
+    def _use_fused(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p``'s step runs in the fused kernel (see ``fused`` in the class doc)."""
+        if self.fused is False:
+            return False
+        from fp4train.kernels.adamw import FUSED_STATES
+
+        reason = None
+        states = (group["exp_avg_dtype"], group["exp_avg_sq_dtype"])
+        bs = group["block_size"]
+        if states != FUSED_STATES:
+            reason = f"states {states}, the kernel stores {FUSED_STATES}"
+        elif bs & (bs - 1):
+            reason = f"block_size {bs} is not a power of two"
+        elif p.dtype not in (torch.float32, torch.bfloat16) or not p.is_contiguous():
+            reason = f"a {p.dtype} parameter (contiguous={p.is_contiguous()})"
+        elif not (p.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            reason = f"the parameter is on {p.device}"
+        elif p.is_cuda:
+            from fp4train import kernels
+
+            if not kernels.triton_available():
+                reason = "Triton or an FP8-capable GPU is not available"
+        if reason is not None and self.fused:
+            raise ValueError(f"LowPrecisionAdamW(fused=True) cannot run: {reason}")
+        return reason is None
 
     @staticmethod
     def _store(state, name: str, x: torch.Tensor, codec: _Codec, bs: int, positive=False):

@@ -32,6 +32,7 @@ CHECKS = [
     "compiled_model_matches_eager",
     "stochastic_rounding",
     "linear_stochastic_recipe",
+    "adamw_lp_fused_matches_eager",
     "rejects_bad_input",
 ]
 
@@ -385,6 +386,54 @@ def check_rejects_bad_input(g):
     )
     if kernels.check_supported(Recipe.preset("fp4-dge"), 32, 24) is None:
         raise AssertionError("out_features 24 is not divisible by 16 but was accepted")
+
+
+def check_adamw_lp_fused_matches_eager(g):
+    """LowPrecisionAdamW's fused kernel against its eager step (float32 arithmetic in another
+    order and with contractions): parameters to float32 rounding, states within one grid step
+    on few elements; bf16 and float32 parameters, a partial last scale block, 5 steps."""
+    from fp4train.optim import LowPrecisionAdamW
+
+    for dtype, shape in ((torch.float32, (7, 45)), (torch.bfloat16, (300,))):
+        p0 = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+        grads = [torch.randn(shape, generator=g).to(dtype) * 10.0**k for k in (-3, 0, -5, -2, 1)]
+        runs = {}
+        for fused in (False, True):
+            p = torch.nn.Parameter(p0.clone())
+            opt = LowPrecisionAdamW([p], lr=1e-2, weight_decay=0.1, block_size=32, fused=fused)
+            for gr in grads:
+                p.grad = gr.clone()
+                opt.step()
+            runs[fused] = (p.detach(), opt.state[p])
+        (pe, se), (pf, sf) = runs[False], runs[True]
+        if dtype == torch.float32:
+            torch.testing.assert_close(pf, pe, rtol=1e-5, atol=1e-7)
+        else:  # bf16: an update differing in its last float32 bit may round the other way
+            if not ((pf.float() - pe.float()).abs() <= pe.float().abs() * 2**-7).all():
+                raise AssertionError("bf16 parameters differ by more than one bf16 step")
+        for name in ("exp_avg", "sqrt_exp_avg_sq"):
+            if sf[name].dtype != se[name].dtype or sf[name].shape != se[name].shape:
+                raise AssertionError(f"{name}: {sf[name].dtype} vs {se[name].dtype}")
+            torch.testing.assert_close(sf[name + "_scale"], se[name + "_scale"], rtol=1e-6,
+                                       atol=0)  # fmt: skip
+            a = sf[name].float().view(-1, 1)
+            b = se[name].float().view(-1, 1)
+            differ = a != b
+            if int(differ.sum()) > max(2, a.numel() // 50):
+                raise AssertionError(f"{name}: {int(differ.sum())} of {a.numel()} values differ")
+            if not (((a - b).abs() <= b.abs() * 0.13 + 1e-7) | ~differ).all():
+                raise AssertionError(f"{name}: a value differs by more than one grid step")
+    # unsupported settings are refused by name when fused=True
+    p = torch.nn.Parameter(torch.randn(40))
+    p.grad = torch.randn(40)
+    opt = LowPrecisionAdamW([p], exp_avg_dtype="bfloat16", fused=True)
+    try:
+        opt.step()
+    except ValueError as e:
+        if "fused=True" not in str(e):
+            raise
+    else:
+        raise AssertionError("fused=True with bfloat16 states was accepted")
 
 
 def _child_main(seed: int) -> None:

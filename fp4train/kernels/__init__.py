@@ -17,6 +17,8 @@ plain-PyTorch twin of the same name in :mod:`fp4train.kernels.reference`:
 - :func:`dge_weight_grad` — the DGE-corrected float32 weight gradient in one pass.
 - :func:`occ_thresholds` — exact OCC quantile thresholds by radix selection (no sort).
 
+:mod:`fp4train.kernels.adamw` holds :class:`fp4train.optim.LowPrecisionAdamW`'s fused step.
+
 Importing this package does not import triton; the submodules do.
 """
 
