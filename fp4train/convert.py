@@ -6,8 +6,9 @@ LM head (a layer named ``lm_head`` or ``output``, or one whose weight is tied to
 stays in high precision unless ``recipe.quantize_lm_head``. Layers the recipe cannot handle
 (e.g. an in-features count not divisible by a block size) are skipped with a logged reason.
 
-``recipe.act_save`` is not a layer swap: :func:`set_act_save` writes it onto the SwiGLU MLPs
-of a ``fp4train.model.LLaMA`` (other models have none to set, and a warning says so).
+``recipe.act_save`` is not a layer swap: :func:`set_act_save` writes it onto the RMSNorms and
+SwiGLU MLPs of a ``fp4train.model.LLaMA`` (other models have none to set, and a warning says
+so).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from fp4train.linear import FP4Linear
-from fp4train.model import FeedForward
+from fp4train.model import FeedForward, RMSNorm
 from fp4train.recipe import OPERANDS, Recipe
 
 __all__ = ["convert", "set_act_save", "unsupported_reason"]
@@ -49,18 +50,24 @@ def unsupported_reason(recipe: Recipe, in_features: int, out_features: int) -> s
 
 
 def set_act_save(model: nn.Module, act_save: str | None) -> int:
-    """Set how every SwiGLU ``FeedForward`` of ``model`` saves its inputs for backward
-    (``Recipe.act_save``: None or ``"e4m3"``); returns how many MLPs took it."""
-    mlps = [m for m in model.modules() if isinstance(m, FeedForward) and m.swiglu]
-    for m in mlps:
+    """Set how every ``RMSNorm`` (the final norm included) and SwiGLU ``FeedForward`` of
+    ``model`` saves its inputs for backward (``Recipe.act_save``: None or ``"e4m3"``); returns
+    how many modules took it. A GeLU MLP has no such setting: its activations stay as
+    computed."""
+    modules = [
+        m
+        for m in model.modules()
+        if isinstance(m, RMSNorm) or (isinstance(m, FeedForward) and m.swiglu)
+    ]
+    for m in modules:
         m.act_save = act_save
-    if act_save is not None and not mlps:
+    if act_save is not None and not modules:
         log.warning(
             "fp4train.convert: act_save=%r has no effect: the model has no fp4train.model "
-            "SwiGLU MLP, so its activations are saved as computed",
+            "RMSNorm or SwiGLU MLP, so its activations are saved as computed",
             act_save,
         )
-    return len(mlps)
+    return len(modules)
 
 
 def _tied_to_embedding(model: nn.Module) -> set[int]:

@@ -20,9 +20,9 @@ Norms, RoPE and the loss compute in float32 also under bf16 autocast; SwiGLU in 
 dtype, as ``F.silu(a) * b`` does. RMSNorm and SwiGLU are autograd Functions that save only
 their inputs (and one float32 rstd per row) for backward and recompute the rest there
 (:func:`rms_norm`, :func:`swiglu`), not the intermediates autograd of the formulas would keep;
-SwiGLU can keep its inputs in FP8 E4M3 (``Recipe.act_save``). RoPE rotates the two halves of
-each head (the GPT-NeoX / Hugging Face LLaMA layout: pair ``i`` is
-``(x[i], x[i + head_dim/2])``), not interleaved pairs as in Meta's reference code.
+both can keep their inputs in FP8 E4M3 with a float32 scale per row (``Recipe.act_save``).
+RoPE rotates the two halves of each head (the GPT-NeoX / Hugging Face LLaMA layout: pair ``i``
+is ``(x[i], x[i + head_dim/2])``), not interleaved pairs as in Meta's reference code.
 """
 
 from __future__ import annotations
@@ -267,53 +267,6 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """RMSNorm that saves x (as given) and the per-row rstd [..., 1] for backward, and
-    recomputes the normalized x̂ = x · rstd there: autograd of the plain formula would also
-    keep x̂ in float32, and a float32 copy of x when x is bf16."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x_w = x.to(_work_dtype(x))
-        rstd = torch.rsqrt(x_w.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
-        ctx.save_for_backward(x, weight, rstd)
-        return _cast(x_w * rstd * weight.to(x_w.dtype), x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        work = rstd.dtype
-        x_hat = x.to(work) * rstd
-        dy_w = dy.to(work)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            g = dy_w * weight.to(work)  # gradient w.r.t. x̂
-            # x̂_i = x_i · rstd, rstd = mean(x²)^(-1/2): dx = rstd · (g − x̂ · mean(g · x̂))
-            dx = _cast(rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True)), x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = _cast((dy_w * x_hat).reshape(-1, x.shape[-1]).sum(0), weight.dtype)
-        return dx, dw, None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """``x / sqrt(mean(x², -1) + eps) * weight`` in float32 (float64 for float64 input), cast
-    back to x's dtype; backward keeps only x and one float32 rstd per row."""
-    return _RMSNormFn.apply(x, weight, eps)
-
-
-class RMSNorm(nn.Module):
-    """``x / rms(x) * weight``, computed in float32 and cast back to the input's dtype; see
-    :func:`rms_norm` for what it saves for backward."""
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
 def _e4m3_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t [..., D] as FP8 E4M3 values (1 byte each) and one float32 absmax scale per row
     [..., 1]; NaN/Inf propagate (no host sync to check them). On an FP8-capable GPU one
@@ -331,6 +284,83 @@ def _e4m3_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return q[:m].view(t.shape), s[:m].view(*t.shape[:-1], 1)
     q = quantize(t, E4M3, "row", nonfinite="propagate")
     return q.data.to(torch.float8_e4m3fn), q.scale  # exact: q.data lies on the E4M3 grid
+
+
+def _check_act_save(act_save: str | None) -> None:
+    if act_save not in _ACT_SAVES:
+        raise ValueError(f"act_save must be one of {_ACT_SAVES}, got {act_save!r}")
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm that saves x (as given, or with ``act_save="e4m3"`` its E4M3 values and per-row
+    scales) and the per-row rstd [..., 1] for backward, and recomputes the normalized
+    x̂ = x · rstd there: autograd of the plain formula would also keep x̂ in float32, and a
+    float32 copy of x when x is bf16. rstd comes from the exact x, so the forward is the same
+    with either act_save."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, act_save: str | None
+    ) -> torch.Tensor:
+        x_w = x.to(_work_dtype(x))
+        rstd = torch.rsqrt(x_w.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        ctx.act_save, ctx.x_dtype = act_save, x.dtype
+        if act_save == "e4m3":
+            ctx.save_for_backward(*_e4m3_rows(x), weight, rstd)
+        else:
+            ctx.save_for_backward(x, weight, rstd)
+        return _cast(x_w * rstd * weight.to(x_w.dtype), x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        if ctx.act_save == "e4m3":
+            x_e4m3, scale_x, weight, rstd = ctx.saved_tensors
+            x = x_e4m3.to(rstd.dtype) * scale_x  # dequantized in the work dtype
+        else:
+            x, weight, rstd = ctx.saved_tensors
+        work = rstd.dtype
+        x_hat = x.to(work) * rstd
+        dy_w = dy.to(work)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            g = dy_w * weight.to(work)  # gradient w.r.t. x̂
+            # x̂_i = x_i · rstd, rstd = mean(x²)^(-1/2): dx = rstd · (g − x̂ · mean(g · x̂))
+            dx = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+            dx = _cast(dx, ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = _cast((dy_w * x_hat).reshape(-1, x.shape[-1]).sum(0), weight.dtype)
+        return dx, dw, None, None
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, act_save: str | None = None
+) -> torch.Tensor:
+    """``x / sqrt(mean(x², -1) + eps) * weight`` in float32 (float64 for float64 input), cast
+    back to x's dtype.
+
+    Backward keeps one float32 rstd per row and x as it is (``act_save=None``) or in FP8 E4M3
+    with one float32 absmax scale per row (``act_save="e4m3"``, see ``Recipe.act_save``); it
+    recomputes x̂ from the (dequantized) x and the rstd of the exact x.
+    """
+    _check_act_save(act_save)
+    return _RMSNormFn.apply(x, weight, eps, act_save)
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, computed in float32 and cast back to the input's dtype.
+
+    ``act_save`` (None or ``"e4m3"``; :func:`fp4train.convert` sets it from the recipe) is how
+    x is kept for backward, see :func:`rms_norm`.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.act_save: str | None = None
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.act_save)
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -371,8 +401,7 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, act_save: str | None = None) -> tor
     Backward keeps a and b as they are (``act_save=None``) or in FP8 E4M3 with one float32
     absmax scale per row (``act_save="e4m3"``, see ``Recipe.act_save``), and recomputes silu.
     """
-    if act_save not in _ACT_SAVES:
-        raise ValueError(f"act_save must be one of {_ACT_SAVES}, got {act_save!r}")
+    _check_act_save(act_save)
     return _SwiGLUFn.apply(a, b, act_save)
 
 

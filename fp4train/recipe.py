@@ -27,10 +27,12 @@ gradients in FP8 (``"e5m2"`` or ``"e4m3"``, the paper's MS-AMP scheme, see
 measured faster on NVLink. It has no effect in a single process.
 
 ``act_save`` is not a GEMM setting either: it says how the non-GEMM activations that autograd
-keeps for backward are stored. None (every preset) saves them in the compute dtype; ``"e4m3"``
-saves the two inputs of each SwiGLU of a ``fp4train.model`` MLP in FP8 E4M3 with one float32
-absmax scale per row (COAT-style activation compression: 1 byte per element instead of 2 under
-bf16), dequantized in backward. :func:`fp4train.convert` sets it on the model's MLPs.
+keeps for backward are stored. None (every preset) saves them as computed; ``"e4m3"`` saves the
+input of each RMSNorm of a ``fp4train.model`` (the residual stream, float32 under bf16 autocast)
+and the two inputs of each SwiGLU MLP in FP8 E4M3 with one float32 absmax scale per row
+(COAT-style activation compression: 1 byte per element instead of 4 for float32 inputs, 2 for
+bf16), dequantized in backward. The forward is unchanged. :func:`fp4train.convert` sets it on
+the model's norms and MLPs.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class Recipe:
     quantize_lm_head: bool = False  # convert() leaves the LM head in high precision by default
     nonfinite: str = "raise"  # "raise": NaN/Inf entering a quantized GEMM raise (reference path)
     grad_comm: str | None = None  # DDP gradient all-reduce in FP8: None, "e5m2" or "e4m3"
-    act_save: str | None = None  # SwiGLU inputs saved for backward: None (as computed), "e4m3"
+    act_save: str | None = None  # RMSNorm, SwiGLU inputs for backward: None (as is), "e4m3"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -215,8 +217,8 @@ class Recipe:
         lines.append(f"  occ       {self.occ if self.occ else 'off'}")
         lines.append(f"  backend   {self.backend}")
         lines.append(f"  grad_comm {self.grad_comm or 'float32 all-reduce'}")
-        act_save = f"{self.act_save} per row" if self.act_save else "compute dtype"
-        lines.append(f"  act_save  SwiGLU inputs in {act_save}")
+        act_save = f"in {self.act_save} per row" if self.act_save else "as computed"
+        lines.append(f"  act_save  RMSNorm and SwiGLU inputs {act_save}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from fp4train import FP4Linear, Recipe, convert
 from fp4train.convert import set_act_save
-from fp4train.model import LLaMA, ModelConfig
+from fp4train.model import LLaMA, ModelConfig, RMSNorm
 
 
 class _Toy(nn.Module):
@@ -96,24 +96,32 @@ def test_convert_is_idempotent_and_validates():
         convert(nn.Linear(4, 4), "fp4-paper")
 
 
-@pytest.mark.parametrize("mlp, n_set", [("swiglu", 2), ("gelu", 0)])
-def test_convert_sets_act_save_on_swiglu_mlps(mlp, n_set, caplog):
+def _norms(model: nn.Module) -> list[RMSNorm]:
+    return [m for m in model.modules() if isinstance(m, RMSNorm)]
+
+
+@pytest.mark.parametrize("mlp, n_set", [("swiglu", 2 * 3 + 1), ("gelu", 2 * 2 + 1)])
+def test_convert_sets_act_save_on_norms_and_swiglu_mlps(mlp, n_set, caplog):
     config = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64, max_seq_len=8, mlp=mlp)
     model = LLaMA(config)
     recipe = Recipe.preset("fp4-direct").replace(act_save="e4m3")
     with caplog.at_level(logging.WARNING, logger="fp4train"):
         convert(model, recipe)
+    assert not caplog.records  # every LLaMA has norms to set, GeLU or not
+    norms = _norms(model)
+    assert len(norms) == 2 * 2 + 1 and norms[-1] is model.norm  # the final norm included
+    assert all(m.act_save == "e4m3" for m in norms)
     acts = [blk.feed_forward.act_save for blk in model.layers]
-    assert acts == (["e4m3"] * 2 if mlp == "swiglu" else [None] * 2)
-    assert any("act_save='e4m3' has no effect" in r.message for r in caplog.records) == (n_set == 0)
+    assert acts == (["e4m3"] * 2 if mlp == "swiglu" else [None] * 2)  # GeLU: nothing to set
     assert set_act_save(model, None) == n_set
+    assert all(m.act_save is None for m in norms)
     assert all(blk.feed_forward.act_save is None for blk in model.layers)
 
 
-def test_act_save_on_a_model_without_swiglu_warns(caplog):
+def test_act_save_on_a_model_without_our_norms_or_swiglu_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="fp4train"):
         convert(_Toy(), Recipe.preset("fp4-paper").replace(act_save="e4m3"))
-        assert any("no fp4train.model SwiGLU MLP" in r.message for r in caplog.records)
+        assert any("no fp4train.model RMSNorm or SwiGLU MLP" in r.message for r in caplog.records)
         caplog.clear()
         convert(_Toy(), "fp4-paper")  # act_save None: nothing to say
         assert not caplog.records

@@ -388,12 +388,13 @@ def _rmsnorm_inputs(dtype: torch.dtype, seed: int = 0):
     return x, w, dy
 
 
+@pytest.mark.parametrize("act_save", [None, "e4m3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_forward_equals_plain_formula(dtype):
+def test_rmsnorm_forward_equals_plain_formula(dtype, act_save):
     x, w, _ = _rmsnorm_inputs(dtype)
-    out = rms_norm(x, w)
+    out = rms_norm(x, w, act_save=act_save)
     assert out.dtype == dtype
-    assert torch.equal(out, _rmsnorm_formula(x, w))
+    assert torch.equal(out, _rmsnorm_formula(x, w))  # saving in E4M3 changes backward only
 
 
 def test_rmsnorm_gradcheck_float64():
@@ -435,6 +436,9 @@ def test_rmsnorm_saves_only_x_and_rstd(dtype):
     assert any(t is x for t in saved)  # x itself, not a copy
     plain, _ = _saved_activation_bytes(lambda: _rmsnorm_formula(x, w), w)
     assert plain >= 2 * x.numel() * 4  # the formula keeps float32 x and x̂
+    nbytes, saved = _saved_activation_bytes(lambda: rms_norm(x, w, act_save="e4m3"), w)
+    assert nbytes == x.numel() * 1 + rows * 4 + rows * 4  # E4M3 x, its float32 scale, rstd
+    assert [t.dtype for t in saved] == [torch.float8_e4m3fn, torch.float32, torch.float32]
 
 
 def _swiglu_inputs(dtype: torch.dtype, seed: int = 0):
@@ -517,14 +521,57 @@ def test_swiglu_saves_only_its_inputs(dtype):
     assert plain >= 3 * n * a.element_size()  # the formula keeps a, b and silu(a)
 
 
-def test_swiglu_rejects_unknown_act_save():
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-8)])
+def test_rmsnorm_e4m3_backward_is_the_formula_at_dequantized_x(dtype, rtol):
+    """The reference, in float64: rstd = (mean(x²) + eps)^(-1/2) of the exact x (as saved in
+    forward), x̂ = deq(x) · rstd with deq the ml_dtypes E4M3 round trip, g = dy · w;
+    dx = rstd · (g − x̂ · mean(g · x̂)) and dw = Σ_rows dy · x̂."""
+    x, w, dy = _rmsnorm_inputs(dtype)
+    with torch.no_grad():
+        x[0, 0] = 0  # an all-zero row: scale 1, dx = rstd · g
+        x[1, 2, :5] *= 100  # a row whose absmax sets a large scale
+    rms_norm(x, w, act_save="e4m3").backward(dy)
+    xd, wd, dyd = (t.detach().double() for t in (x, w, dy))
+    rstd = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    g = dyd * wd
+    x_hat = _e4m3_dequantized_float64(x) * rstd
+    dx = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    dw = (dyd * x_hat).sum((0, 1))
+    assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.double(), dx, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), dw, rtol=1e-5, atol=1e-5)
+    # and it is not the exact gradient (x̂ = x · rstd): E4M3 keeps 3 mantissa bits
+    x_hat = xd * rstd
+    exact_dx = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    exact_dw = (dyd * x_hat).sum((0, 1))
+    assert not torch.allclose(x.grad.double(), exact_dx, rtol=rtol, atol=1e-6)
+    assert not torch.allclose(w.grad.double(), exact_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_and_rmsnorm_reject_unknown_act_save():
     a, b, _ = _swiglu_inputs(torch.float32)
-    with pytest.raises(ValueError, match=r"act_save must be one of \(None, 'e4m3'\), got 'fp8'"):
+    msg = r"act_save must be one of \(None, 'e4m3'\), got 'fp8'"
+    with pytest.raises(ValueError, match=msg):
         swiglu(a, b, "fp8")
+    with pytest.raises(ValueError, match=msg):
+        rms_norm(a, torch.ones(a.shape[-1]), act_save="fp8")
+
+
+def test_e4m3_act_save_reaches_every_norm_and_swiglu():
+    model = make_model()
+    dim, ffn, rows = model.config.dim, model.config.ffn_dim, 2 * 16
+    idx = torch.randint(0, 300, (2, 16))
+    plain, _ = _saved_activation_bytes(lambda: model(idx, idx), *model.parameters())
+    assert set_act_save(model, "e4m3") == 2 * 3 + 1  # 2 norms and 1 SwiGLU per block, final norm
+    nbytes, saved = _saved_activation_bytes(lambda: model(idx, idx), *model.parameters())
+    fp8 = sorted(tuple(t.shape) for t in saved if t.dtype == torch.float8_e4m3fn)
+    assert fp8 == sorted([(2, 16, dim)] * 5 + [(2, 16, ffn)] * 4)
+    # float32 model: 4-byte inputs become 1-byte values plus a float32 scale per row
+    assert plain - nbytes == 5 * (3 * rows * dim - 4 * rows) + 4 * (3 * rows * ffn - 4 * rows)
 
 
 @pytest.mark.parametrize("recipe", [None, "fp4-paper"])
-def test_trains_with_e4m3_saved_swiglu_inputs(recipe, one_thread):
+def test_trains_with_e4m3_saved_activations(recipe, one_thread):
     idx = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(3))
     runs = {}
     for act_save in (None, "e4m3"):
@@ -534,6 +581,7 @@ def test_trains_with_e4m3_saved_swiglu_inputs(recipe, one_thread):
         else:
             set_act_save(model, act_save)
         assert all(blk.feed_forward.act_save == act_save for blk in model.layers)
+        assert all(m.act_save == act_save for m in model.modules() if isinstance(m, RMSNorm))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses = []
         for _ in range(6):
@@ -578,7 +626,7 @@ def test_bf16_autocast_forward_close_to_float32():
 
 def _compiled_matches_eager(backend: str, act_save: str | None = None) -> None:
     model = make_model(n_kv_heads=2)
-    set_act_save(model, act_save)
+    assert set_act_save(model, act_save) == 7  # 4 norms and 2 SwiGLUs in the blocks, final norm
     idx = torch.randint(0, 300, (2, 32))
     model(idx, idx).backward()
     want = [p.grad.clone() for p in model.parameters()]

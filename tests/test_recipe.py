@@ -341,9 +341,10 @@ def test_grad_comm_field():
 def test_act_save_field():
     for name in Recipe.presets():
         assert Recipe.preset(name).act_save is None  # activation compression is opt-in
-        assert "act_save  SwiGLU inputs in compute dtype" in Recipe.preset(name).describe()
+        assert "act_save  RMSNorm and SwiGLU inputs as computed" in Recipe.preset(name).describe()
     r = Recipe.preset("fp4-paper").with_overrides(["act_save=e4m3"])
-    assert r.act_save == "e4m3" and "act_save  SwiGLU inputs in e4m3 per row" in r.describe()
+    assert r.act_save == "e4m3"
+    assert "act_save  RMSNorm and SwiGLU inputs in e4m3 per row" in r.describe()
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     assert r.with_overrides(["act_save=none"]).act_save is None
     with pytest.raises(
