@@ -120,13 +120,15 @@ def test_occ_thresholds_and_clamp_bit_exact(granularity, gen):
         _assert_same(a, b, f"clamped X {name}", seed)
 
 
-def test_swiglu_e4m3_saved_inputs_match_the_reference_quantizer(gen):
+@pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 5632), (torch.float32, 2048)])
+def test_e4m3_saved_activations_match_the_reference_quantizer(dtype, width, gen):
+    """act_save=e4m3's quantizer on the GPU (SwiGLU's bf16 inputs, RMSNorm's float32 ones)."""
     from fp4train import model as fmodel
     from fp4train.formats import E4M3
     from fp4train.quantize import quantize
 
     g, seed = gen
-    a = (torch.randn(3, 37, 5632, device="cuda", generator=g) * 4).bfloat16()
+    a = (torch.randn(3, 37, width, device="cuda", generator=g) * 4).to(dtype)
     q, s = fmodel._e4m3_rows(a)  # the Triton path on the GPU
     want = quantize(a.cpu(), E4M3, "row", nonfinite="propagate")
     assert q.shape == a.shape and s.shape == (3, 37, 1), f"seed {seed}"
