@@ -175,6 +175,8 @@ def get_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=opts)
+    if _sharded_low_precision(optimizer):
+        return model_sd, _gather_low_precision_state(optimizer)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     if not optim_sd:
         return model_sd, {}
@@ -218,7 +220,87 @@ def set_full_state(
     }
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optimizer, named, options=opts)
+    if _sharded_low_precision(optimizer):
+        _scatter_low_precision_state(optimizer, optim_sd)
+    else:
+        set_optimizer_state_dict(model, optimizer, named, options=opts)
+
+
+def _sharded_low_precision(optimizer: torch.optim.Optimizer) -> bool:
+    """A :class:`~fp4train.optim.LowPrecisionAdamW` over FSDP2 (DTensor) parameters: its
+    blocked states are plain per-shard tensors, which DCP cannot gather or reshard."""
+    from torch.distributed.tensor import DTensor
+
+    from fp4train.optim import LowPrecisionAdamW
+
+    return isinstance(optimizer, LowPrecisionAdamW) and any(
+        isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]
+    )
+
+
+def _gather_low_precision_state(optimizer) -> dict:
+    """Decode each shard's moments, all-gather them as DTensors and re-encode them over the
+    full tensor on rank 0: the state dict a single process would hold (collective)."""
+    from torch.distributed.tensor import DTensor
+
+    main = dist.get_rank() == 0
+    state, groups, i = {}, [], 0
+    for group in optimizer.param_groups:
+        ids = []
+        for p in group["params"]:
+            decoded = optimizer.decoded_state(p)  # every rank steps the same parameters
+            if decoded:
+                full = {"step": decoded["step"].clone()}
+                for name in ("exp_avg", "sqrt_exp_avg_sq"):
+                    t = decoded[name]
+                    if isinstance(p, DTensor):
+                        t = DTensor.from_local(
+                            t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                        ).full_tensor()
+                    full[name] = t
+                if main:
+                    encoded = optimizer.encoded_state(group, full)
+                    state[i] = {k: v.cpu() for k, v in encoded.items()}
+            ids.append(i)
+            i += 1
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+    return {"state": state, "param_groups": groups} if main else {}
+
+
+def _scatter_low_precision_state(optimizer, optim_sd: dict) -> None:
+    """Inverse of :func:`_gather_low_precision_state`: decode each full state, keep this
+    rank's shard, re-encode it over the shard (collective)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from fp4train.optim import _check_hparams
+
+    for gi, (saved, group) in enumerate(
+        zip(optim_sd["param_groups"], optimizer.param_groups, strict=True)
+    ):
+        missing = set(optimizer.defaults) - set(saved)
+        if missing:
+            raise ValueError(f"parameter group {gi} of the state dict lacks {sorted(missing)}")
+        hparams = {k: v for k, v in saved.items() if k != "params"}
+        _check_hparams(hparams)
+        group.update(hparams)
+        for pid, p in zip(saved["params"], group["params"], strict=True):
+            stored = optim_sd["state"].get(pid)
+            if stored is None:
+                optimizer.state.pop(p, None)
+                continue
+            dev = p.to_local().device if isinstance(p, DTensor) else p.device
+            stored = {k: v.to(dev) for k, v in stored.items() if k != "step"} | {
+                "step": stored["step"].clone()
+            }
+            try:
+                full = optimizer.decode_stored(group, stored, p.shape)
+            except ValueError as e:
+                raise ValueError(f"parameter {pid} (shape {tuple(p.shape)}): {e}") from e
+            if isinstance(p, DTensor):
+                for name in ("exp_avg", "sqrt_exp_avg_sq"):
+                    full[name] = distribute_tensor(full[name], p.device_mesh, p.placements)
+                    full[name] = full[name].to_local()
+            optimizer.state[p] = optimizer.encoded_state(group, full)
 
 
 @dataclass

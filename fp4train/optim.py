@@ -32,8 +32,11 @@ On CUDA the step of each parameter runs as one Triton kernel (``fused``, the def
 
 Parameters may be float32 master weights or bf16/fp16 (the update is rounded back to the
 parameter's dtype). Under FSDP2 (``fully_shard``) each rank keeps the states of its local
-shard, as plain tensors (blocks run over the shard): save them per rank with
-``torch.save(optimizer.state_dict())``; resharding through DCP is not supported.
+shard, as plain tensors (blocks run over the shard). :func:`fp4train.distributed.get_full_state`
+gathers them into the single-process layout (decoded, gathered, re-encoded over the full
+tensor) and :func:`~fp4train.distributed.set_full_state` scatters them back, so checkpoints
+reshard; where shard boundaries are not multiples of ``block_size`` that re-encoding rounds
+the moments once more.
 Non-finite gradients propagate (NaN spreads over their block), as with ``torch.optim.AdamW``.
 """
 
@@ -279,6 +282,49 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         if reason is not None and self.fused:
             raise ValueError(f"LowPrecisionAdamW(fused=True) cannot run: {reason}")
         return reason is None
+
+    def decoded_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``p``'s state with the moments decoded: ``{"step", "exp_avg", "sqrt_exp_avg_sq"}``,
+        the moments float32 in ``p``'s (local) shape; empty before ``p``'s first step."""
+        state = self.state.get(p)
+        if not state:
+            return {}
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return self.decode_stored(group, state, _local(p).shape)
+
+    @staticmethod
+    def decode_stored(group: dict[str, Any], stored: dict, shape: torch.Size) -> dict:
+        """The moments of a stored state (``self.state[p]``'s form, e.g. from a single-process
+        checkpoint) as float32 tensors of ``shape``, checked against ``group``'s settings;
+        ValueError names the first mismatch."""
+        expected = _expected_state(torch.empty(shape, device="meta"), group)
+        if set(stored) != set(expected):
+            raise ValueError(f"state keys {sorted(stored)}, expected {sorted(expected)}")
+        for key, (dtype, numel) in expected.items():
+            v = stored[key]
+            if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.numel() != numel:
+                raise ValueError(f"state {key!r}: expected {dtype} with {numel} elements")
+        out = {"step": stored["step"]}
+        for name, key in _DTYPE_KEY.items():
+            codec = _CODECS[group[key]]
+            x = _decode(stored[name], stored.get(name + "_scale"), codec, group["block_size"])
+            out[name] = x.view(shape)
+        return out
+
+    @staticmethod
+    def encoded_state(group: dict[str, Any], decoded: dict[str, torch.Tensor]) -> dict:
+        """Inverse of :meth:`decoded_state` under ``group``'s settings: the stored form (values
+        flattened, blocked over the tensor given) of ``{"step", "exp_avg",
+        "sqrt_exp_avg_sq"}``. Re-encoding over other block boundaries (another sharding)
+        rounds the moments again."""
+        state = {"step": decoded["step"]}
+        bs = group["block_size"]
+        for name, key in _DTYPE_KEY.items():
+            x = decoded[name].reshape(-1).float()
+            LowPrecisionAdamW._store(
+                state, name, x, _CODECS[group[key]], bs, name == "sqrt_exp_avg_sq"
+            )
+        return state
 
     @staticmethod
     def _store(state, name: str, x: torch.Tensor, codec: _Codec, bs: int, positive=False):

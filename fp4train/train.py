@@ -692,12 +692,6 @@ def _parallel_mode(cfg: TrainConfig, recipe: Recipe, world: int) -> str:
             f"recipe field grad_comm={recipe.grad_comm!r} (FP8 gradient all-reduce) works with "
             "--parallel ddp only; FSDP2 reduce-scatters gradients in its own dtype"
         )
-    if parallel == "fsdp" and cfg.optimizer == "adamw-lp":
-        raise ConfigError(
-            "--optimizer adamw-lp does not support --parallel fsdp: its FP8/FP16 states are "
-            "blocked over each rank's shard, so no full checkpoint can be gathered; use "
-            "--parallel ddp or --optimizer adamw"
-        )
     return parallel
 
 
