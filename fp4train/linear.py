@@ -96,6 +96,9 @@ def reference_forward(
     if residual is not None:
         y = y + residual.matmul_t(w_hp)  # sparse R [M,K] @ Wᵀ, float32
         r_idx, r_val = residual.indices, residual.values
+        if recipe.act_save == "e4m3":  # wgrad's copy of R in E4M3, one scale per row
+            q_r = quantize(residual.to_dense(), "e4m3", "row", nonfinite="propagate")
+            r_val = q_r.dequantize().reshape(-1)[r_idx]
     # x_c is only needed when wgrad re-quantizes X itself
     x_keep = None if recipe.wgrad_x.reuse_fwd else x_c
     saved = (x_keep, _scale_of(qx), _scale_of(qw), _data_of(qx), _data_of(qw), r_idx, r_val)

@@ -31,8 +31,10 @@ keeps for backward are stored. None (every preset) saves them as computed; ``"e4
 input of each RMSNorm of a ``fp4train.model`` (the residual stream, float32 under bf16 autocast)
 and the two inputs of each SwiGLU MLP in FP8 E4M3 with one float32 absmax scale per row
 (COAT-style activation compression: 1 byte per element instead of 4 for float32 inputs, 2 for
-bf16), dequantized in backward. The forward is unchanged. :func:`fp4train.convert` sets it on
-the model's norms and MLPs.
+bf16), dequantized in backward. With OCC it also keeps the residual R that the weight
+gradient's compensation term needs in E4M3 per row. The forward is unchanged.
+:func:`fp4train.convert` sets it on the model's norms and MLPs; FP4Linear reads it from its
+recipe.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class Recipe:
     quantize_lm_head: bool = False  # convert() leaves the LM head in high precision by default
     nonfinite: str = "raise"  # "raise": NaN/Inf entering a quantized GEMM raise (reference path)
     grad_comm: str | None = None  # DDP gradient all-reduce in FP8: None, "e5m2" or "e4m3"
-    act_save: str | None = None  # RMSNorm, SwiGLU inputs for backward: None (as is), "e4m3"
+    act_save: str | None = None  # RMSNorm, SwiGLU inputs, OCC's R for backward: None, "e4m3"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -218,7 +220,7 @@ class Recipe:
         lines.append(f"  backend   {self.backend}")
         lines.append(f"  grad_comm {self.grad_comm or 'float32 all-reduce'}")
         act_save = f"in {self.act_save} per row" if self.act_save else "as computed"
-        lines.append(f"  act_save  RMSNorm and SwiGLU inputs {act_save}")
+        lines.append(f"  act_save  RMSNorm, SwiGLU inputs and OCC residual {act_save}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

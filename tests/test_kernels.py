@@ -224,8 +224,12 @@ def check_linear_matches_reference(g):
     x = x.bfloat16()
     w = torch.randn(48, 64, generator=g) * 0.05
     dy = torch.randn(50, 48, generator=g).bfloat16()
-    for name in ("fp8", "fp4-direct", "fp4-dge", "fp4-paper"):
-        recipe = Recipe.preset(name)
+    paper = Recipe.preset("fp4-paper")
+    for recipe in [Recipe.preset(n) for n in ("fp8", "fp4-direct", "fp4-dge")] + [
+        paper,
+        paper.replace(act_save="e4m3"),  # R kept in E4M3 for wgrad
+    ]:
+        name = f"{recipe.name} act_save={recipe.act_save}"
         y, saved = kernels.linear_forward(x, w, recipe)
         dx, dw = kernels.linear_backward(saved, dy, w, recipe, True, True)
         y_r, saved_r = reference_forward(x, w, recipe)

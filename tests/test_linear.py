@@ -219,3 +219,36 @@ def test_fp4_paper_trains_a_small_regression():
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < first / 5, f"loss went {first:.4f} -> {last:.4f}"
+
+
+def test_act_save_e4m3_rounds_only_the_wgrad_compensation_residual():
+    """fp4-paper with act_save="e4m3" keeps OCC's residual R for the weight gradient in E4M3
+    (one scale per row): y and dx are unchanged, and dW moves by exactly dYᵀ·(R_e4m3 − R)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 64, generator=g)
+    x[:, 3] *= 25  # an outlier channel
+    dy = torch.randn(24, 32, generator=g)
+    base = Recipe.preset("fp4-paper").replace(backend="reference")
+    lin = FP4Linear(64, 32, bias=False, recipe=base)
+    out = {}
+    for act_save in (None, "e4m3"):
+        lin.recipe = base.replace(act_save=act_save)
+        xi = x.clone().requires_grad_()
+        lin.weight.grad = None
+        y = lin(xi)
+        y.backward(dy)
+        out[act_save] = (y.detach(), xi.grad, lin.weight.grad.clone())
+    (y0, dx0, dw0), (y1, dx1, dw1) = out[None], out["e4m3"]
+    assert torch.equal(y0, y1) and torch.equal(dx0, dx1)
+    _, r = clamp_outliers(x, base.occ.alpha, base.occ.granularity)
+    r = r.to_dense().double()
+    q = quantize(r.float(), "e4m3", "row")
+    r_e4m3 = q.dequantize().double()
+    assert not torch.equal(r_e4m3, r)  # E4M3 rounds some of the residuals
+    # DGE scales dW elementwise by a factor that does not depend on the residual
+    dge = correction(
+        torch.clamp(lin.weight.detach() / quantize(lin.weight.detach(), "e2m1", "row").scale,
+                    -6, 6), "e2m1", base.dge.k, base.dge.clip,
+    ).double()  # fmt: skip
+    want = dw0.double() + dge * (dy.double().t() @ (r_e4m3 - r))
+    torch.testing.assert_close(dw1.double(), want, rtol=1e-4, atol=1e-6)

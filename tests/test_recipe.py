@@ -341,10 +341,11 @@ def test_grad_comm_field():
 def test_act_save_field():
     for name in Recipe.presets():
         assert Recipe.preset(name).act_save is None  # activation compression is opt-in
-        assert "act_save  RMSNorm and SwiGLU inputs as computed" in Recipe.preset(name).describe()
+        text = Recipe.preset(name).describe()
+        assert "act_save  RMSNorm, SwiGLU inputs and OCC residual as computed" in text
     r = Recipe.preset("fp4-paper").with_overrides(["act_save=e4m3"])
     assert r.act_save == "e4m3"
-    assert "act_save  RMSNorm and SwiGLU inputs in e4m3 per row" in r.describe()
+    assert "act_save  RMSNorm, SwiGLU inputs and OCC residual in e4m3 per row" in r.describe()
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     assert r.with_overrides(["act_save=none"]).act_save is None
     with pytest.raises(

@@ -18,7 +18,9 @@ rows.
 
 The wgrad GEMM writes the float32 master gradient directly; DGE then scales it in one pass.
 With OCC, the X quantize pass also writes the dense bf16 residual R, and the compensation
-products are bf16 GEMMs (``fp4train.kernels.occ``); nothing syncs with the host.
+products are bf16 GEMMs (``fp4train.kernels.occ``); nothing syncs with the host. Backward
+keeps R for wgrad's term: in bf16, or with ``act_save="e4m3"`` in E4M3 with a float32 scale
+per row (half the bytes; R is as large as X).
 """
 
 from __future__ import annotations
@@ -167,11 +169,13 @@ def linear_forward(
     )  # fmt: skip
     # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
     y = scaled_mm_rowwise(q_x, q_w, s_x, s_w)[:m]
-    r = None
+    r = s_r = None
     if occ is not None and occ.compensate:
         r = resid  # Y += R·Wᵀ, a dense bf16 GEMM with float32 accumulation
         y = occ_compensate(y, r, weight)
-    return y, (q_x_t, s_x, q_w_t, s_w, r)
+        if recipe.act_save == "e4m3":  # wgrad's copy of R in FP8, one scale per row
+            r, s_r, _, _ = quantize_rows(resid, "e4m3", store_q=True)
+    return y, (q_x_t, s_x, q_w_t, s_w, r, s_r)
 
 
 def linear_backward(
@@ -183,7 +187,7 @@ def linear_backward(
     need_dw: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dgrad and wgrad from :func:`linear_forward`'s ``saved``: (dx [M, K] bf16, dw [N, K] f32)."""
-    q_x_t, s_x, q_w_t, s_w, r = saved
+    q_x_t, s_x, q_w_t, s_w, r, s_r = saved
     dy2d = dy2d.contiguous()
     m = dy2d.shape[0]
     dx = dw = None
@@ -203,6 +207,8 @@ def linear_backward(
         # wgrad: dW = (q_dy2·s_dy2)ᵀ · q_x   [N,Mp] @ [Mp,K] -> [N,K]
         dw = scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32)
         if r is not None:
+            if s_r is not None:  # E4M3 R (act_save): dequantized in float32, then bf16
+                r = (r[:m].float() * s_r[:m, None]).to(torch.bfloat16)
             dw = occ_compensate_wgrad(dw, dy2d, r)  # dW += dYᵀ·R
         if recipe.dge is not None:
             dw = dge_weight_grad(
