@@ -22,7 +22,8 @@ Two backends compute the same numbers:
   float8 (every E2M1 value is an E4M3 value) and FP8 tensor-core GEMMs via
   ``torch._scaled_mm`` with row-wise float32 scales, so the FP4 GEMM is simulated exactly.
   Quantized values match the reference bit for bit; GEMM outputs differ only by float32
-  accumulation order.
+  accumulation order, and with OCC by the residual R, which the triton path holds dense in
+  bf16 (the reference: its nonzeros in float32) and multiplies on bf16 tensor cores.
 
 ``backend="auto"`` picks triton on CUDA when it supports the recipe and shapes, and the
 reference otherwise (with a one-time warning on CUDA, since the numbers are the same but the
