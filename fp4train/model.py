@@ -41,6 +41,7 @@ from torch import nn
 
 from fp4train.formats import E4M3
 from fp4train.quantize import quantize
+from fp4train.recipe import ACT_SAVES
 
 __all__ = [
     "ModelConfig",
@@ -55,7 +56,6 @@ __all__ = [
 ]
 
 _MLPS = ("swiglu", "gelu")
-_ACT_SAVES = (None, "e4m3")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -287,8 +287,8 @@ def _e4m3_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_act_save(act_save: str | None) -> None:
-    if act_save not in _ACT_SAVES:
-        raise ValueError(f"act_save must be one of {_ACT_SAVES}, got {act_save!r}")
+    if act_save not in ACT_SAVES:
+        raise ValueError(f"act_save must be one of {ACT_SAVES}, got {act_save!r}")
 
 
 class _RMSNormFn(torch.autograd.Function):

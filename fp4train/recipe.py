@@ -53,7 +53,7 @@ _ROUNDINGS = ("nearest", "stochastic")
 _BACKENDS = ("auto", "triton", "reference")
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 _GRAD_COMMS = (None, "e5m2", "e4m3")
-_ACT_SAVES = (None, "e4m3")
+ACT_SAVES = (None, "e4m3")  # how Recipe.act_save may store saved activations
 # granularities whose scales sit off the GEMM's reduction dim (or blocks along it)
 _ALLOWED_GRAN = {
     "fwd_x": ("tensor", "row", "block"),
@@ -364,8 +364,8 @@ def _validate(r: Recipe) -> None:
         raise bad("nonfinite", r.nonfinite, ("raise", "propagate"))
     if r.grad_comm not in _GRAD_COMMS:
         raise bad("grad_comm", r.grad_comm, _GRAD_COMMS)
-    if r.act_save not in _ACT_SAVES:
-        raise bad("act_save", r.act_save, _ACT_SAVES)
+    if r.act_save not in ACT_SAVES:
+        raise bad("act_save", r.act_save, ACT_SAVES)
 
 
 def _w4a4(name: str, dge: bool, occ: bool) -> Recipe:
