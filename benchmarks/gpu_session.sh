@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call (about 9 minutes on an H100): GPU tests, the 125M BF16-vs-FP4 comparison,
+# One device call (about 10 minutes on an H100): GPU tests, the 125M BF16-vs-FP4 comparison,
 # the layer benchmark (eager and CUDA-graph replay) and the training-step benchmark with both
-# optimizers. Summaries under $OUT. Usage: bash benchmarks/gpu_session.sh [--with-backends]
+# optimizers and E4M3-saved activations (the memory table), eager and as one CUDA graph.
+# Summaries under $OUT. Usage: bash benchmarks/gpu_session.sh [--with-backends]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 FP4TRAIN_CACHE=/tmp/fp4cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,5 +22,8 @@ if [[ "${1:-}" == "--with-backends" ]]; then
 fi
 timeout 100 python3 -m fp4train bench linear --cuda-graph --recipes fp8 fp4-dge 2>&1 | tail -20 | tee "$OUT/bench_linear_graph.txt"
 timeout 60 python3 -m fp4train bench linear --recipes fp4-paper fp4-paper+chan 2>&1 | tail -14 | tee "$OUT/bench_linear_occ.txt"
-timeout 120 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp8 fp4-dge fp4-paper \
-  --optimizers adamw adamw-lp 2>&1 | tail -14 | tee "$OUT/bench_step.txt"
+timeout 170 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp8 fp4-dge fp4-paper \
+  "fp8[act_save=e4m3]" "fp4-dge[act_save=e4m3]" "fp4-paper[act_save=e4m3]" \
+  --optimizers adamw adamw-lp 2>&1 | grep "^|" | tee "$OUT/bench_step.txt"
+timeout 60 python3 -m fp4train bench step --models 1.3b --cuda-graph --recipes bf16 fp4-dge fp4-paper \
+  2>&1 | grep "^|" | tee "$OUT/bench_step_graph.txt"
