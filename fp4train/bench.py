@@ -6,6 +6,8 @@
 - ``host``:    cProfile of the Python/launch side of a tiny FP4Linear fwd+bwd.
 - ``step``:    tokens/s and peak memory of a full training step (fwd + bwd + AdamW) of a
                LLaMA model per recipe, bf16 autocast.
+- ``memory``:  what autograd saves for backward in one forward pass of a LLaMA model per
+               recipe, by dtype (parameters excluded); also on the CPU (reference backend).
 
 Times are medians of ``triton.testing.do_bench`` (which clears L2 between runs) over rotating
 inputs. Each command prints a table; ``--results FILE`` appends it, with date and device, to a
@@ -17,6 +19,7 @@ Examples::
     fp4train bench linear --shapes 4096x4096 --recipes fp8 fp4-dge
     fp4train bench quant --results benchmarks/RESULTS.md
     fp4train bench step --models 125m 1.3b --batch 4 --seq 2048
+    fp4train bench memory --models 1.3b --recipes bf16 fp4-dge "fp4-dge[act_save=e4m3]"
     fp4train bench all
 """
 
@@ -30,7 +33,14 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["bench_linear", "bench_quant", "profile_linear", "bench_step", "main"]
+__all__ = [
+    "bench_linear",
+    "bench_quant",
+    "profile_linear",
+    "bench_step",
+    "saved_activations",
+    "main",
+]
 
 DEFAULT_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192))
 # "fp4-paper" on Gaussian data (every column holds outliers) and on data whose outliers sit
@@ -469,6 +479,78 @@ def bench_step(
     return rows
 
 
+def saved_activations(
+    models=("1.3b",),
+    recipes=("bf16", "fp4-dge", "fp4-paper"),
+    batch: int = 4,
+    seq: int = 2048,
+    device: str | torch.device | None = None,
+) -> list[dict]:
+    """Bytes autograd keeps for backward after one forward pass (with the loss), per model and
+    recipe: the total, per token and layer, and by dtype. Parameters are excluded (saved by
+    reference, no copy); autocast's bf16 copies of the weights count (they are real memory).
+    Storages are counted once however many tensors view them.
+
+    ``device`` defaults to the GPU (bf16 autocast, the triton backend) or else the CPU
+    (float32, the reference backend, which keeps FP4 grid values in float32: its numbers
+    show the model's activations, not the triton path's FP8 storage). Recipes may carry
+    ``[key=value]`` overrides, e.g. ``"fp4-dge[act_save=e4m3]"``.
+    """
+    import collections
+
+    from fp4train.convert import convert
+    from fp4train.model import LLaMA, get_config
+    from fp4train.train import parse_recipe
+
+    dev = torch.device(device) if device is not None else _default_bench_device()
+    rows = []
+    for model_name in models:
+        for spec in recipes:
+            torch.manual_seed(0)
+            cfg = get_config(model_name, vocab_size=32000)
+            with torch.device(dev):
+                model = LLaMA(cfg)
+            if spec != "bf16":
+                recipe = parse_recipe(spec)
+                convert(model, recipe.replace(backend="triton") if dev.type == "cuda" else recipe)
+            idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=dev)
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            seen: set[int] = set()
+            by_dtype: collections.Counter = collections.Counter()
+
+            def pack(t: torch.Tensor, seen=seen, by_dtype=by_dtype, params=params):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in params and ptr not in seen:
+                    seen.add(ptr)
+                    by_dtype[str(t.dtype).removeprefix("torch.")] += t.untyped_storage().nbytes()
+                return t
+
+            autocast = torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+                loss = model(idx[:, :-1], idx[:, 1:])
+            del loss
+            total = sum(by_dtype.values())
+            rows.append(
+                dict(
+                    model=model_name,
+                    recipe=spec,
+                    saved_gib=total / 2**30,
+                    kib_per_token_layer=total / (batch * seq * cfg.n_layers) / 1024,
+                    **{f"{k}_gib": v / 2**30 for k, v in sorted(by_dtype.items())},
+                )
+            )
+            del model
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    keys = sorted({k for r in rows for k in r if k.endswith("_gib") and k != "saved_gib"})
+    first = ("model", "recipe", "saved_gib", "kib_per_token_layer")
+    return [{**{k: r[k] for k in first}, **{k: r.get(k, 0.0) for k in keys}} for r in rows]
+
+
+def _default_bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def format_table(rows: list[dict]) -> str:
     """Rows of dicts as a markdown table, floats with 3 significant digits."""
     if not rows:
@@ -485,10 +567,14 @@ def format_table(rows: list[dict]) -> str:
 
 def _header(title: str) -> str:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    import triton
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except ImportError:  # `bench memory` runs without it
+        triton_version = "absent"
     when = datetime.date.today().isoformat()
-    return f"### {title}\n\n{when}, {dev}, torch {torch.__version__}, triton {triton.__version__}\n"
+    return f"### {title}\n\n{when}, {dev}, torch {torch.__version__}, triton {triton_version}\n"
 
 
 def _parse_shape(s: str) -> tuple[int, int]:
@@ -507,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + __doc__.split("Examples::\n")[1],
     )
-    p.add_argument("what", choices=["linear", "quant", "profile", "host", "step", "all"])
+    p.add_argument("what", choices=["linear", "quant", "profile", "host", "step", "memory", "all"])
     p.add_argument(
         "--shapes",
         nargs="+",
@@ -520,12 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipes",
         nargs="+",
         default=None,
-        help="recipes to time: presets, or for step also preset[key=value,...] "
+        help="recipes to time: presets, or for step and memory also preset[key=value,...] "
         "(+chan: activations with outlier channels, linear)",
     )
-    p.add_argument("--models", nargs="+", default=["125m", "1.3b"], help="for step")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step (step)")
-    p.add_argument("--seq", type=int, default=2048, help="sequence length (step)")
+    p.add_argument(
+        "--models", nargs="+", default=None, help="for step (125m 1.3b) and memory (1.3b)"
+    )
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (step, memory)")
+    p.add_argument("--seq", type=int, default=2048, help="sequence length (step, memory)")
     p.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -547,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fp4train bench``; returns the exit code."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    _require_cuda()
+    if args.what != "memory":
+        _require_cuda()
     out = []
     if args.what in ("linear", "all"):
         rows = bench_linear(
@@ -574,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                        + "```\n" + profile_host(r) + "```")  # fmt: skip
     if args.what in ("step", "all"):
         rows = bench_step(
-            args.models,
+            args.models or ["125m", "1.3b"],
             args.recipes or ("bf16", "fp4-dge", "fp4-paper"),
             args.batch,
             args.seq,
@@ -588,6 +677,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', compiled' if args.compile else ''}"
                 f"{', one CUDA graph per step' if args.cuda_graph else ''}"
             )
+            + "\n"
+            + format_table(rows)
+        )
+    if args.what == "memory":
+        rows = saved_activations(
+            args.models or ["1.3b"],
+            args.recipes or ("bf16", "fp4-dge", "fp4-paper"),
+            args.batch,
+            args.seq,
+        )
+        out.append(
+            _header(f"saved for backward, batch {args.batch} x seq {args.seq}")
             + "\n"
             + format_table(rows)
         )
