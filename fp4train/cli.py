@@ -61,7 +61,7 @@ examples:
   fp4train train --data my.txt --vocab-size 8192 --max-steps 2000
   fp4train train --recipe fp4-paper --set occ.alpha=0.999 --set dge.k=3
   fp4train train --recipe "fp4-paper[fwd_format=e1m2]"
-  fp4train train --recipe "fp4-paper[act_save=e4m3]"   # norm, SwiGLU inputs saved in FP8
+  fp4train train --recipe "fp4-paper[act_save=e4m3]"   # saved activations in FP8
   fp4train train --model 125m --batch-size 8 --grad-accum 4 --lr 3e-4 --max-steps 5000
   fp4train train --monitor-every 50                # per-layer SNR / cosine / MSE of FP4 operands
   fp4train train --out runs/x --resume             # continue runs/x from its latest checkpoint
@@ -94,7 +94,8 @@ recipes: bf16, fp8, fp4-paper (E2M1 W4A4 + DGE + OCC), fp4-direct (no DGE, no OC
   grad_format=e4m3, fwd_granularity=tensor, dge.k=3, dge=none, occ.alpha=0.999,
   occ.granularity=row, occ=none, fwd_x.format=e3m0, quantize_lm_head=true, backend=reference,
   grad_comm=e5m2 (FP8 gradient all-reduce under --parallel ddp), act_save=e4m3 (the RMSNorm
-  and SwiGLU inputs kept for backward in FP8 E4M3 with a scale per row: 1 byte per element).
+  and SwiGLU inputs, and OCC's residual, kept for backward in FP8 E4M3 with a scale per row:
+  1 byte per element).
 """
 
 _COMPARE_EPILOG = """\

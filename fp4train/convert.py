@@ -6,9 +6,9 @@ LM head (a layer named ``lm_head`` or ``output``, or one whose weight is tied to
 stays in high precision unless ``recipe.quantize_lm_head``. Layers the recipe cannot handle
 (e.g. an in-features count not divisible by a block size) are skipped with a logged reason.
 
-``recipe.act_save`` is not a layer swap: :func:`set_act_save` writes it onto the RMSNorms and
-SwiGLU MLPs of a ``fp4train.model.LLaMA`` (other models have none to set, and a warning says
-so).
+``recipe.act_save`` is not only a layer setting: FP4Linear reads it from its recipe (OCC's
+residual), and :func:`set_act_save` writes it onto the RMSNorms and SwiGLU MLPs of a
+``fp4train.model.LLaMA`` (other models have none to set, and a warning says so).
 """
 
 from __future__ import annotations
