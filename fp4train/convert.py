@@ -63,8 +63,9 @@ def set_act_save(model: nn.Module, act_save: str | None) -> int:
         m.act_save = act_save
     if act_save is not None and not modules:
         log.warning(
-            "fp4train.convert: act_save=%r has no effect: the model has no fp4train.model "
-            "RMSNorm or SwiGLU MLP, so its activations are saved as computed",
+            "fp4train.convert: act_save=%r reaches no norm or MLP: the model has no "
+            "fp4train.model RMSNorm or SwiGLU MLP, so their activations are saved as computed "
+            "(FP4Linear layers with OCC still keep their residual in E4M3)",
             act_save,
         )
     return len(modules)
