@@ -72,6 +72,9 @@ _CODECS = {
     "float32": _Codec(torch.float32, None),
 }
 STATE_DTYPES = tuple(_CODECS)
+# (exp_avg, sqrt_exp_avg_sq) storage the fused kernel (fp4train.kernels.adamw) handles: the
+# defaults. Here, not there, so the CPU path never imports triton (an optional dependency).
+FUSED_STATES = ("e4m3", "float16")
 _STATES = ("exp_avg", "sqrt_exp_avg_sq")
 _DTYPE_KEY = {"exp_avg": "exp_avg_dtype", "sqrt_exp_avg_sq": "exp_avg_sq_dtype"}
 
@@ -261,8 +264,6 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         """Whether ``p``'s step runs in the fused kernel (see ``fused`` in the class doc)."""
         if self.fused is False:
             return False
-        from fp4train.kernels.adamw import FUSED_STATES
-
         reason = None
         states = (group["exp_avg_dtype"], group["exp_avg_sq_dtype"])
         bs = group["block_size"]

@@ -240,3 +240,21 @@ def test_bad_param_group_override_raises():
     opt = LowPrecisionAdamW([nn.Parameter(torch.zeros(3))])
     with pytest.raises(ValueError, match="exp_avg_dtype"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "exp_avg_dtype": "e2m1"})
+
+
+def test_cpu_step_needs_no_triton():
+    """The fused kernel is for CUDA; deciding not to use it must not import triton, which is an
+    optional dependency (regression: the check imported the kernel module)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
+        "import torch\n"
+        "from fp4train.optim import LowPrecisionAdamW\n"
+        "p = torch.nn.Parameter(torch.randn(300)); p.grad = torch.randn(300)\n"
+        "LowPrecisionAdamW([p]).step(); print('ok', int(p.isfinite().all()))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "1"], r.stderr[-2000:]

@@ -29,11 +29,10 @@ from fp4train.kernels.quantize import (
     _to_bf16_rne,
     format_constants,
 )
+from fp4train.optim import FUSED_STATES
 
-__all__ = ["adamw_lp_step", "FUSED_STATES"]
+__all__ = ["adamw_lp_step"]
 
-# (exp_avg storage, sqrt_exp_avg_sq storage) the kernel handles: the defaults
-FUSED_STATES = ("e4m3", "float16")
 _NB = 8  # scale blocks per program
 
 
