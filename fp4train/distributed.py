@@ -272,17 +272,13 @@ def _scatter_low_precision_state(optimizer, optim_sd: dict) -> None:
     rank's shard, re-encode it over the shard (collective)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from fp4train.optim import _check_hparams
+    from fp4train.optim import _check_saved_group
 
     for gi, (saved, group) in enumerate(
         zip(optim_sd["param_groups"], optimizer.param_groups, strict=True)
     ):
-        missing = set(optimizer.defaults) - set(saved)
-        if missing:
-            raise ValueError(f"parameter group {gi} of the state dict lacks {sorted(missing)}")
-        hparams = {k: v for k, v in saved.items() if k != "params"}
-        _check_hparams(hparams)
-        group.update(hparams)
+        _check_saved_group(gi, saved, optimizer.defaults)
+        group.update({k: v for k, v in saved.items() if k != "params"})
         for pid, p in zip(saved["params"], group["params"], strict=True):
             stored = optim_sd["state"].get(pid)
             if stored is None:

@@ -155,6 +155,32 @@ def _expected_state(param: torch.Tensor, group: dict[str, Any]) -> dict[str, tup
     return expected
 
 
+def _check_saved_group(i: int, saved: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """A saved parameter group holds every setting, each valid; ValueError names the gap."""
+    missing = set(defaults) - set(saved)
+    if missing:
+        raise ValueError(f"parameter group {i} of the state dict lacks {sorted(missing)}")
+    _check_hparams(saved)
+
+
+def _check_stored(stored: dict, expected: dict[str, tuple]) -> None:
+    """A stored state has exactly the ``expected`` keys (:func:`_expected_state`), each a
+    tensor of the expected dtype and size; ValueError names the first mismatch."""
+    if set(stored) != set(expected):
+        raise ValueError(f"the state has keys {sorted(stored)}, expected {sorted(expected)}")
+    for key, (dtype, numel) in expected.items():
+        v = stored[key]
+        if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.numel() != numel:
+            got = (
+                f"dtype {v.dtype} with {v.numel()} elements"
+                if isinstance(v, torch.Tensor)
+                else type(v).__name__
+            )
+            raise ValueError(
+                f"state {key!r}: expected dtype {dtype} with {numel} elements, got {got}"
+            )
+
+
 class LowPrecisionAdamW(torch.optim.Optimizer):
     """AdamW keeping m in FP8 E4M3 and sqrt(v) in FP16 with per-block scales; FP32 math.
 
@@ -298,13 +324,7 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         """The moments of a stored state (``self.state[p]``'s form, e.g. from a single-process
         checkpoint) as float32 tensors of ``shape``, checked against ``group``'s settings;
         ValueError names the first mismatch."""
-        expected = _expected_state(torch.empty(shape, device="meta"), group)
-        if set(stored) != set(expected):
-            raise ValueError(f"state keys {sorted(stored)}, expected {sorted(expected)}")
-        for key, (dtype, numel) in expected.items():
-            v = stored[key]
-            if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.numel() != numel:
-                raise ValueError(f"state {key!r}: expected {dtype} with {numel} elements")
+        _check_stored(stored, _expected_state(torch.empty(shape, device="meta"), group))
         out = {"step": stored["step"]}
         for name, key in _DTYPE_KEY.items():
             codec = _CODECS[group[key]]
@@ -355,10 +375,7 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             )
         id_map = {}
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            missing = set(self.defaults) - set(saved)
-            if missing:
-                raise ValueError(f"parameter group {i} of the state dict lacks {sorted(missing)}")
-            _check_hparams(saved)
+            _check_saved_group(i, saved, self.defaults)
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"parameter group {i}: state dict has {len(saved['params'])} parameters, "
@@ -371,24 +388,10 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             raise ValueError(f"state dict holds state for unknown parameter ids {sorted(unknown)}")
         for pid, st in saved_state.items():
             p, saved = id_map[pid]
-            expected = _expected_state(p, saved)
-            if set(st) != set(expected):
-                raise ValueError(
-                    f"state of parameter {pid} (shape {tuple(p.shape)}) has keys {sorted(st)}, "
-                    f"expected {sorted(expected)}"
-                )
-            for key, (dtype, numel) in expected.items():
-                v = st[key]
-                if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.numel() != numel:
-                    got = (
-                        f"dtype {v.dtype} with {v.numel()} elements"
-                        if isinstance(v, torch.Tensor)
-                        else type(v).__name__
-                    )
-                    raise ValueError(
-                        f"state {key!r} of parameter {pid} (shape {tuple(p.shape)}): expected "
-                        f"dtype {dtype} with {numel} elements, got {got}"
-                    )
+            try:
+                _check_stored(st, _expected_state(p, saved))
+            except ValueError as e:
+                raise ValueError(f"parameter {pid} (shape {tuple(p.shape)}): {e}") from None
         # the base class loads the groups (hyperparameters); the states are placed here
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         for pid, st in saved_state.items():
