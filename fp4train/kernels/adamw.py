@@ -23,17 +23,20 @@ import torch
 import triton
 import triton.language as tl
 
+from fp4train import formats
 from fp4train.kernels.quantize import (
     _absmax_scale,
     _round_to_grid,
     _to_bf16_rne,
     format_constants,
+    grid_constants,
 )
 from fp4train.optim import FUSED_STATES
 
 __all__ = ["adamw_lp_step"]
 
 _NB = 8  # scale blocks per program
+_FP16_MIN_SUB = float(formats.get("e5m10").min_subnormal)  # a positive sqrt(v) stays >= it
 
 
 @triton.jit
@@ -141,7 +144,7 @@ def adamw_lp_step(
     m_new, r_new = torch.empty_like(m), torch.empty_like(r)
     ms_new, rs_new = torch.empty_like(ms), torch.empty_like(rs)
     if n:
-        cm, cr = format_constants("e4m3"), _FP16
+        cm, cr = format_constants("e4m3"), grid_constants("e5m10")
         lerp_w = 1.0 - beta1
         grid = (triton.cdiv(triton.cdiv(n, block_size), _NB),)
         _adamw_lp_kernel[grid](
@@ -151,23 +154,7 @@ def adamw_lp_step(
             P_BF16=p.dtype == torch.bfloat16, M_FMAX=cm["FMAX"],
             M_MBITS=cm["MBITS"], M_MIN_EXP=cm["MIN_EXP"], M_EMAX=cm["EMAX"], R_FMAX=cr["FMAX"],
             R_MBITS=cr["MBITS"], R_MIN_EXP=cr["MIN_EXP"], R_EMAX=cr["EMAX"],
-            R_MIN_SUB=cr["MIN_SUB"], BLOCK=block_size, NB=_NB, num_warps=4,
+            R_MIN_SUB=_FP16_MIN_SUB, BLOCK=block_size, NB=_NB, num_warps=4,
         )  # fmt: skip
     state["exp_avg"], state["exp_avg_scale"] = m_new, ms_new
     state["sqrt_exp_avg_sq"], state["sqrt_exp_avg_sq_scale"] = r_new, rs_new
-
-
-def _fp16_constants() -> dict:
-    from fp4train import formats
-
-    f = formats.get("e5m10")
-    return dict(
-        FMAX=float(f.max),
-        MBITS=f.mbits,
-        MIN_EXP=f.min_normal_exp,
-        EMAX=15,
-        MIN_SUB=float(f.min_subnormal),
-    )
-
-
-_FP16 = _fp16_constants()

@@ -75,12 +75,18 @@ def padded_rows(m: int) -> int:
     return -(-m // _ROW_PAD) * _ROW_PAD
 
 
-@functools.cache
 def format_constants(name: str) -> dict:
     """The constexprs the kernels need for format ``name`` (must be in ``FP8_DTYPE``); cached,
     so do not modify the returned dict."""
     if name not in FP8_DTYPE:
         raise ValueError(f"the triton kernels quantize to {sorted(FP8_DTYPE)}, not {name!r}")
+    return grid_constants(name)
+
+
+@functools.cache
+def grid_constants(name: str) -> dict:
+    """``_round_to_grid``'s constexprs (FMAX, MBITS, MIN_EXP, EMAX) for any format of
+    ``fp4train.formats`` (e.g. ``"e5m10"``, FP16, for the optimizer's states); cached."""
     f = formats.get(name)
     return dict(
         FMAX=float(f.max),
