@@ -402,10 +402,7 @@ def bench_step(
     Needs ``"adamw"``; a step that cannot be captured (a host sync) gives a NaN row. (A
     stochastic-rounding recipe captures, but its Philox seeds are frozen in the graph.)
     """
-    from fp4train.convert import convert
-    from fp4train.model import LLaMA, get_config
     from fp4train.optim import LowPrecisionAdamW
-    from fp4train.train import parse_recipe
 
     _require_cuda()
     for o in optimizers:
@@ -417,12 +414,7 @@ def bench_step(
     for model_name in models:
         base_tps = None
         for name, opt_name in [(r, o) for r in recipes for o in optimizers]:
-            torch.manual_seed(0)
-            cfg = get_config(model_name, vocab_size=32000)
-            with torch.device("cuda"):  # initialise on the GPU: seconds, not a minute
-                model = LLaMA(cfg)
-            if name != "bf16":
-                convert(model, parse_recipe(name).replace(backend="triton"))
+            model, cfg = _bench_model(model_name, name, torch.device("cuda"))
             fwd = torch.compile(model) if compile else model
             if opt_name == "adamw":
                 opt = torch.optim.AdamW(
@@ -498,21 +490,11 @@ def saved_activations(
     """
     import collections
 
-    from fp4train.convert import convert
-    from fp4train.model import LLaMA, get_config
-    from fp4train.train import parse_recipe
-
     dev = torch.device(device) if device is not None else _default_bench_device()
     rows = []
     for model_name in models:
         for spec in recipes:
-            torch.manual_seed(0)
-            cfg = get_config(model_name, vocab_size=32000)
-            with torch.device(dev):
-                model = LLaMA(cfg)
-            if spec != "bf16":
-                recipe = parse_recipe(spec)
-                convert(model, recipe.replace(backend="triton") if dev.type == "cuda" else recipe)
+            model, cfg = _bench_model(model_name, spec, dev)
             idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=dev)
             params = {p.untyped_storage().data_ptr() for p in model.parameters()}
             seen: set[int] = set()
@@ -545,6 +527,23 @@ def saved_activations(
     keys = sorted({k for r in rows for k in r if k.endswith("_gib") and k != "saved_gib"})
     first = ("model", "recipe", "saved_gib", "kib_per_token_layer")
     return [{**{k: r[k] for k in first}, **{k: r.get(k, 0.0) for k in keys}} for r in rows]
+
+
+def _bench_model(model_name: str, spec: str, dev: torch.device):
+    """(LLaMA ``model_name`` with a 32k vocabulary, seed 0, built on ``dev``, converted to
+    recipe ``spec`` — the triton backend on CUDA — unless ``spec`` is "bf16"; its config)."""
+    from fp4train.convert import convert
+    from fp4train.model import LLaMA, get_config
+    from fp4train.train import parse_recipe
+
+    torch.manual_seed(0)
+    cfg = get_config(model_name, vocab_size=32000)
+    with dev:  # initialise on the GPU: seconds, not a minute
+        model = LLaMA(cfg)
+    if spec != "bf16":
+        recipe = parse_recipe(spec)
+        convert(model, recipe.replace(backend="triton") if dev.type == "cuda" else recipe)
+    return model, cfg
 
 
 def _default_bench_device() -> torch.device:
