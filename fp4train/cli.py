@@ -73,7 +73,8 @@ several GPUs (data parallel; one process per GPU, started by torchrun):
       --model 125m --batch-size 64 --out runs/ddp8
   # FSDP2 (parameters, gradients and optimizer states sharded per transformer block)
   torchrun --standalone --nproc-per-node 8 -m fp4train train --parallel fsdp ... --out runs/f8
-  # the paper's FP8 gradient all-reduce (DDP only; slower than float32 on NVLink)
+  # the paper's FP8 gradient all-reduce (DDP; slower than float32 on NVLink), or FP8
+  # reduce-scatter under --parallel fsdp
   torchrun --standalone --nproc-per-node 8 -m fp4train train --set grad_comm=e5m2 ...
   # two nodes: run on each node; HOST:29500 is reachable from both (e.g. node 0), and --out
   # lies on a filesystem both see (every rank reads the checkpoint on --resume)
@@ -93,9 +94,9 @@ recipes: bf16, fp8, fp4-paper (E2M1 W4A4 + DGE + OCC), fp4-direct (no DGE, no OC
   fp4-dge, fp4-occ; `--set KEY=VALUE` (repeatable) changes fields: fwd_format=e1m2,
   grad_format=e4m3, fwd_granularity=tensor, dge.k=3, dge=none, occ.alpha=0.999,
   occ.granularity=row, occ=none, fwd_x.format=e3m0, quantize_lm_head=true, backend=reference,
-  grad_comm=e5m2 (FP8 gradient all-reduce under --parallel ddp), act_save=e4m3 (the RMSNorm
-  and SwiGLU inputs, and OCC's residual, kept for backward in FP8 E4M3 with a scale per row:
-  1 byte per element).
+  grad_comm=e5m2 (FP8 gradient all-reduce / reduce-scatter under --parallel ddp / fsdp),
+  act_save=e4m3 (the RMSNorm and SwiGLU inputs, and OCC's residual, kept for backward in FP8
+  E4M3 with a scale per row: 1 byte per element).
 """
 
 _COMPARE_EPILOG = """\

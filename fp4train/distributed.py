@@ -1,4 +1,4 @@
-"""Multi-GPU training on PyTorch's own engines: torchrun, DDP, FSDP2, FP8 gradient all-reduce.
+"""Multi-GPU training on PyTorch's own engines: torchrun, DDP, FSDP2, FP8 gradient communication.
 
 Launch one process per GPU with ``torchrun``; :func:`init_from_env` reads its environment::
 
@@ -16,7 +16,8 @@ state so checkpoints look like a single process' whatever the number of ranks.
 
 :func:`wrap_model` applies data parallelism: DDP (optionally with :func:`fp8_allreduce_hook`,
 the paper's FP8 gradient all-reduce from MS-AMP) or FSDP2 ``fully_shard`` per transformer
-block, then the root (torchtitan's order).
+block, then the root (torchtitan's order; optionally with :class:`FP8ReduceScatter`, the same
+idea for FSDP2's gradient reduce-scatter).
 
 FP8 all-reduce. Per DDP bucket of gradients the ranks agree on one scale: all-reduce MAX of
 the bucket's amax, ``s = amax / fmt.max``. Each rank sends ``round(g / s)`` as FP8 (E5M2 by
@@ -36,6 +37,16 @@ Measured on 2 H200s (NVLink), one 25 MB float32 bucket: plain all-reduce 0.13 ms
 compression 0.27 ms, FP8 gather 1.48 ms, FP8 all-reduce 0.89 ms. Quantizing costs more than
 the bytes save on NVLink; FP8 communication can only pay off on slower links (across nodes,
 not measured here).
+
+FP8 reduce-scatter (FSDP2). FSDP2 reduce-scatters each sharded module's gradients as one flat
+tensor, ``world_size`` equal chunks, chunk d for rank d's shard. :class:`FP8ReduceScatter`
+replaces that collective: each rank quantizes each chunk with its own scale (``amax / fmt.max``
+of that chunk on that rank: no collective to agree on one), sends chunk d as FP8 bytes with
+its float32 scale to rank d in one ``all_to_all_single``, and rank d dequantizes the
+``world_size`` chunks it receives and sums them in float32 (then divides by ``world_size``
+for FSDP2's AVG). Each rank sends (world_size - 1) / world_size n bytes for n gradients, a
+quarter of a float32 ring reduce-scatter's at any world size; the error is at most half an
+FP8 ulp of each rank's value, summed. Not yet timed on GPUs.
 
 ``NCCL_NVLS_ENABLE=0`` is set (if unset) when this module is imported: NVLink multicast
 (NVLS) must stay off on our GPU machines. Keep it off when launching by hand as well.
@@ -66,6 +77,7 @@ __all__ = [
     "set_full_state",
     "FP8CommState",
     "fp8_allreduce_hook",
+    "FP8ReduceScatter",
     "wrap_model",
     "PARALLEL_MODES",
 ]
@@ -299,15 +311,24 @@ def _scatter_low_precision_state(optimizer, optim_sd: dict) -> None:
             optimizer.state[p] = optimizer.encoded_state(group, full)
 
 
+def _check_fp8_fmt(fmt: str) -> None:
+    if fmt not in _FP8_DTYPES:
+        raise ValueError(f"fmt must be one of {tuple(_FP8_DTYPES)}, got {fmt!r}")
+
+
 @dataclass
 class FP8CommState:
-    """Settings of :func:`fp8_allreduce_hook`; see the module docstring.
+    """Settings of :func:`fp8_allreduce_hook` (DDP) and of ``wrap_model(..., fp8_comm=)``;
+    see the module docstring.
 
     Args:
         fmt: ``"e5m2"`` (default, the paper's gradient format) or ``"e4m3"``.
         reduce: ``"gather"`` (all-gather FP8 bytes, float32 sum; any backend) or
-            ``"allreduce"`` (FP8 sum inside NCCL; needs NCCL FP8 support).
-        process_group: the group to reduce over; None is the default (world) group.
+            ``"allreduce"`` (FP8 sum inside NCCL; needs NCCL FP8 support). DDP only: FSDP2's
+            :class:`FP8ReduceScatter` always sums the exchanged bytes in float32 and takes
+            ``"gather"`` only.
+        process_group: the group to reduce over; None is the default (world) group. DDP only:
+            FSDP2 reduce-scatters over its mesh, which must leave it None.
     """
 
     fmt: str = "e5m2"
@@ -315,8 +336,7 @@ class FP8CommState:
     process_group: dist.ProcessGroup | None = None
 
     def __post_init__(self) -> None:
-        if self.fmt not in _FP8_DTYPES:
-            raise ValueError(f"fmt must be one of {tuple(_FP8_DTYPES)}, got {self.fmt!r}")
+        _check_fp8_fmt(self.fmt)
         if self.reduce not in _REDUCE_MODES:
             raise ValueError(f"reduce must be one of {_REDUCE_MODES}, got {self.reduce!r}")
 
@@ -377,6 +397,100 @@ def fp8_allreduce_hook(
     return fut.then(finish)
 
 
+class FP8ReduceScatter:
+    """FSDP2 gradient reduce-scatter in FP8, :func:`fp8_allreduce_hook`'s counterpart for
+    ``fully_shard``; see the module docstring.
+
+    Install it on every ``fully_shard``-ed module with
+    ``module.set_custom_reduce_scatter(FP8ReduceScatter())`` (``wrap_model(...,
+    parallel="fsdp", fp8_comm=True)`` does). It implements torch's private ``ReduceScatter``
+    interface (``torch.distributed.fsdp._fully_shard._fsdp_api``: ``allocate`` and
+    ``__call__``) without subclassing it, so importing this module does not depend on that
+    path; tests pin the interface.
+
+    Args:
+        fmt: ``"e5m2"`` (default, the paper's gradient format) or ``"e4m3"``.
+    """
+
+    def __init__(self, fmt: str = "e5m2") -> None:
+        _check_fp8_fmt(fmt)
+        self.fmt = fmt
+
+    def allocate(
+        self, size: tuple[int, ...], *, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """FSDP2's buffers (the flat input and output), plain ``torch.empty``."""
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op: dist.ReduceOp | dist.ReduceOp.RedOpType,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        """Reduce ``input_tensor`` ([world * n], chunk d for rank d) over ``group`` into this
+        rank's ``output_tensor`` ([n], its own dtype).
+
+        ``op``: ``SUM``, ``AVG`` (FSDP2's default for float32 / bf16 gradients) or, where the
+        ``ReduceOp`` exposes its factor (torch 2.13 does, 2.11 does not), ``PREMUL_SUM``; others
+        raise ValueError. A NaN or Inf in any rank's input makes every rank's whole output
+        NaN (as :func:`fp8_allreduce_hook` does with a bucket), so every rank's overflow check
+        sees it. The call is synchronous: the sum needs the received bytes. ``async_op=True``
+        returns the exchange's ``Work``, already waited on (on CUDA: the current stream waits
+        for it; no host sync anywhere); FSDP2 calls with ``async_op=False`` and gets None.
+        """
+        world = dist.get_world_size(group)
+        n = output_tensor.numel()
+        if input_tensor.numel() != world * n:
+            raise ValueError(
+                f"reduce-scatter input has {input_tensor.numel()} elements, the output "
+                f"{n}: need world_size ({world}) times as many"
+            )
+        _check_reduce_op(op)
+        fmt, fp8 = get(self.fmt), _FP8_DTYPES[self.fmt]
+        x = input_tensor.detach().view(world, n)  # row d: this rank's gradients for rank d
+
+        amax = x.abs().amax(dim=1).float()  # [world]
+        scale = absmax_scale(amax, fmt)  # [world], one per destination chunk
+        # amax * 0 is NaN exactly when some amax is NaN or Inf: sent to every rank with the
+        # scales, it poisons every shard (scale alone would not: Inf saturates to fmt.max)
+        poison = (amax.amax() * 0).expand(world)
+        meta = torch.stack([scale, poison], dim=1)  # [world, 2] float32
+        # one exchange: row d = 8 bytes of [scale, poison], then n FP8 bytes, for rank d
+        send = torch.empty(world, 8 + n, dtype=torch.uint8, device=x.device)
+        send[:, :8] = meta.view(torch.uint8)
+        send[:, 8:].view(fp8).copy_(round_to_format(x.float() / scale[:, None], fmt))  # exact
+        recv = torch.empty_like(send)  # row s: from rank s, for this rank
+        work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
+        if work is not None:
+            work.wait()
+
+        meta_recv = recv[:, :8].contiguous().view(torch.float32)  # [world, 2]
+        total = (recv[:, 8:].view(fp8).float() * meta_recv[:, :1]).sum(0)  # [world, n] -> [n]
+        total.add_(meta_recv[:, 1].sum())
+        if op == dist.ReduceOp.AVG:
+            total.div_(world)
+        elif op == dist.ReduceOp.PREMUL_SUM:
+            total.mul_(op.factor)
+        output_tensor.copy_(total)
+        return work
+
+
+def _check_reduce_op(op) -> None:
+    if op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+        return
+    if op == dist.ReduceOp.PREMUL_SUM and hasattr(op, "factor"):
+        return
+    raise ValueError(
+        f"FP8ReduceScatter takes ReduceOp SUM, AVG or PREMUL_SUM (the last where ReduceOp "
+        f"exposes its factor, as torch 2.13's does; this is torch {torch.__version__}), got "
+        f"{op}. FSDP2 sends PREMUL_SUM after set_gradient_divide_factor(f) with f other than "
+        "the world size; set_force_sum_reduction_for_comms(True) makes it send SUM instead"
+    )
+
+
 def wrap_model(
     model: nn.Module,
     parallel: str = "ddp",
@@ -391,8 +505,10 @@ def wrap_model(
             without one is sharded as a whole.
         parallel: ``"ddp"`` (DistributedDataParallel), ``"fsdp"`` (FSDP2 ``fully_shard``,
             parameters become DTensor shards) or ``"none"`` (just move to ``device``).
-        fp8_comm: DDP only: all-reduce gradients in FP8 with :func:`fp8_allreduce_hook`
-            (True for ``FP8CommState()``, or a state to choose the format / reduction).
+        fp8_comm: communicate gradients in FP8 (True for ``FP8CommState()``, or a state to
+            choose the format / reduction): DDP all-reduces with :func:`fp8_allreduce_hook`,
+            FSDP2 reduce-scatters with :class:`FP8ReduceScatter` (which takes ``fmt`` only:
+            ``reduce="allreduce"`` or a ``process_group`` raise ValueError).
         device: where the model runs; default the current GPU, else the CPU.
 
     Returns the wrapped model (DDP: a wrapper whose ``.module`` is ``model``; FSDP2: ``model``
@@ -400,11 +516,10 @@ def wrap_model(
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
-    if fp8_comm and parallel != "ddp":
-        raise ValueError(
-            f"fp8_comm works with parallel='ddp' only, got parallel={parallel!r} (FSDP2 "
-            "reduce-scatters gradients in its MixedPrecisionPolicy.reduce_dtype)"
-        )
+    state = None
+    if fp8_comm:
+        state = fp8_comm if isinstance(fp8_comm, FP8CommState) else FP8CommState()
+        _check_fp8_comm(state, parallel)
     if parallel != "none" and not dist.is_initialized():
         raise ValueError(
             f"parallel={parallel!r} needs an initialized process group: launch with torchrun "
@@ -419,8 +534,7 @@ def wrap_model(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if fp8_comm:
-            state = fp8_comm if isinstance(fp8_comm, FP8CommState) else FP8CommState()
+        if state is not None:
             ddp.register_comm_hook(state, fp8_allreduce_hook)
         return ddp
 
@@ -429,9 +543,35 @@ def wrap_model(
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layers = getattr(model, "layers", None)
-    if isinstance(layers, nn.ModuleList):
-        for i, block in enumerate(layers):
-            # the last block's parameters are needed again at once by backward: keep them
-            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(layers) - 1)
+    blocks = list(layers) if isinstance(layers, nn.ModuleList) else []
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed again at once by backward: keep them
+        fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh)
+    if state is not None:
+        comm = FP8ReduceScatter(state.fmt)
+        for module in (*blocks, model):
+            module.set_custom_reduce_scatter(comm)
     return model
+
+
+def _check_fp8_comm(state: FP8CommState, parallel: str) -> None:
+    if parallel == "none":
+        raise ValueError("fp8_comm needs parallel='ddp' or 'fsdp', got parallel='none'")
+    if parallel != "fsdp":
+        return
+    if state.reduce != "gather" or state.process_group is not None:
+        raise ValueError(
+            "with parallel='fsdp', FP8CommState takes fmt only: FSDP2 reduce-scatters over "
+            "its mesh (leave process_group None) and sums the exchanged FP8 bytes in float32 "
+            f"(reduce='gather'; 'allreduce' is DDP's sum inside NCCL), got reduce="
+            f"{state.reduce!r}, process_group={state.process_group!r}"
+        )
+    from torch.distributed.fsdp import FSDPModule
+
+    if not hasattr(FSDPModule, "set_custom_reduce_scatter"):
+        raise RuntimeError(
+            f"fp8_comm with parallel='fsdp' needs FSDPModule.set_custom_reduce_scatter, which "
+            f"torch {torch.__version__} lacks (2.11 and 2.13 have it): upgrade torch, or use "
+            "parallel='ddp' or fp8_comm=False"
+        )

@@ -22,9 +22,10 @@ gradient; ``occ`` (an :class:`OCCConfig`, or None) clamps activation outliers be
 quantization and adds the clamped-off residual back in high precision.
 
 ``grad_comm`` is not a GEMM setting: under ``fp4train train --parallel ddp`` it all-reduces
-gradients in FP8 (``"e5m2"`` or ``"e4m3"``, the paper's MS-AMP scheme, see
-:mod:`fp4train.distributed`); None (every preset) keeps the plain float32 all-reduce, which
-measured faster on NVLink. It has no effect in a single process.
+gradients in FP8 (``"e5m2"`` or ``"e4m3"``, the paper's MS-AMP scheme), under ``--parallel
+fsdp`` it reduce-scatters them in FP8 (see :mod:`fp4train.distributed`); None (every preset)
+keeps the plain float32 collective, which measured faster on NVLink (the all-reduce). It has
+no effect in a single process.
 
 ``act_save`` is not a GEMM setting either: it says how the non-GEMM activations that autograd
 keeps for backward are stored. None (every preset) saves them as computed; ``"e4m3"`` saves the
@@ -130,7 +131,7 @@ class Recipe:
     compute_dtype: str = "bfloat16"  # GEMM output dtype on CUDA; on CPU the input's dtype
     quantize_lm_head: bool = False  # convert() leaves the LM head in high precision by default
     nonfinite: str = "raise"  # "raise": NaN/Inf entering a quantized GEMM raise (reference path)
-    grad_comm: str | None = None  # DDP gradient all-reduce in FP8: None, "e5m2" or "e4m3"
+    grad_comm: str | None = None  # DDP / FSDP gradient communication in FP8: None, "e5m2", "e4m3"
     act_save: str | None = None  # RMSNorm, SwiGLU inputs, OCC's R for backward: None, "e4m3"
 
     def __post_init__(self) -> None:
@@ -218,7 +219,7 @@ class Recipe:
         lines.append(f"  dge       {self.dge if self.dge else 'off (straight-through)'}")
         lines.append(f"  occ       {self.occ if self.occ else 'off'}")
         lines.append(f"  backend   {self.backend}")
-        lines.append(f"  grad_comm {self.grad_comm or 'float32 all-reduce'}")
+        lines.append(f"  grad_comm {self.grad_comm or 'float32'}")
         act_save = f"in {self.act_save} per row" if self.act_save else "as computed"
         lines.append(f"  act_save  RMSNorm, SwiGLU inputs and OCC residual {act_save}")
         return "\n".join(lines)

@@ -387,8 +387,8 @@ def _restore(
             f"checkpoint {path} was trained with model config {ckpt['model_config']}, "
             f"but this run builds {model_config.to_dict()}"
         )
-    # the name is a label; grad_comm only changes how gradients travel (a DDP run with FP8
-    # all-reduce may resume on one process, which has nothing to all-reduce)
+    # the name is a label; grad_comm only changes how gradients travel (a run with FP8
+    # gradient communication may resume on one process, which has nothing to communicate)
     mine = recipe.to_dict()
     differ = [
         f"{k} {ckpt['recipe'].get(k)!r} vs {v!r}"
@@ -656,7 +656,7 @@ def _echo(msg: str, bar) -> None:
         print(msg, flush=True)
 
 
-def _parallel_mode(cfg: TrainConfig, recipe: Recipe, world: int) -> str:
+def _parallel_mode(cfg: TrainConfig, world: int) -> str:
     """``cfg.parallel`` resolved for ``world`` launched processes; ConfigError for settings
     that cannot work, checked before any process group is joined."""
     parallel = cfg.parallel
@@ -687,11 +687,6 @@ def _parallel_mode(cfg: TrainConfig, recipe: Recipe, world: int) -> str:
             "under torchrun name the output directory (--out DIR or --name NAME): the default "
             "holds a timestamp, which the processes might not agree on"
         )
-    if parallel == "fsdp" and recipe.grad_comm is not None:
-        raise ConfigError(
-            f"recipe field grad_comm={recipe.grad_comm!r} (FP8 gradient all-reduce) works with "
-            "--parallel ddp only; FSDP2 reduce-scatters gradients in its own dtype"
-        )
     return parallel
 
 
@@ -719,7 +714,7 @@ def train(cfg: TrainConfig) -> dict:
         world = fdist.launched_world_size()
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    parallel = _parallel_mode(cfg, recipe, world)
+    parallel = _parallel_mode(cfg, world)
     if parallel == "none":
         rank, world, device = 0, 1, _resolve_device(cfg.device)
     else:

@@ -1,8 +1,11 @@
 """fp4train.distributed on CPU: two gloo processes (spawned once per test session) check the
-FP8 all-reduce hook against a plain all-reduce, DDP training with it, and FSDP2 sharding
-against a single-process AdamW run; argument errors are checked in this process."""
+FP8 all-reduce hook against a plain all-reduce, the FP8 reduce-scatter against a plain
+reduce-scatter, DDP training with the hook, and FSDP2 sharding (with and without the FP8
+reduce-scatter) against a single-process AdamW run; argument errors are checked in this
+process."""
 
 import copy
+import inspect
 import os
 import socket
 import subprocess
@@ -16,7 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fp4train.distributed as fdist
-from fp4train.distributed import FP8CommState, fp8_allreduce_hook, init_from_env, wrap_model
+from fp4train.distributed import (
+    FP8CommState,
+    FP8ReduceScatter,
+    fp8_allreduce_hook,
+    init_from_env,
+    wrap_model,
+)
 from fp4train.formats import get
 from fp4train.optim import LowPrecisionAdamW
 
@@ -89,6 +98,47 @@ def _hook_numerics(rank: int) -> dict:
     return out
 
 
+def _reduce_scatter_numerics(rank: int) -> dict:
+    n = 2048  # each rank's shard
+    # torch 2.13 renamed reduce_scatter_tensor (2.11) to reduce_scatter_single
+    plain = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    out = {}
+    for fmt in ("e5m2", "e4m3"):
+        g = torch.Generator().manual_seed(4321 + rank)
+        mags = torch.logspace(-4, 1, WORLD * n)[torch.randperm(WORLD * n, generator=g)]
+        x = torch.randn(WORLD * n, generator=g) * mags * 100.0**rank  # ranks 2 decades apart
+        ref = torch.empty(n)
+        plain(ref, x.clone())
+        inputs = [torch.empty_like(x) for _ in range(WORLD)]
+        dist.all_gather(inputs, x)
+        for op in ("SUM", "AVG"):
+            got = torch.empty(n)
+            FP8ReduceScatter(fmt)(got, x.clone(), dist.group.WORLD, getattr(dist.ReduceOp, op))
+            out[fmt, op] = dict(got=got, ref=ref, inputs=torch.stack(inputs))
+    for bad in ("nan", "inf"):
+        x = torch.ones(WORLD * 64)
+        if rank == 1:
+            x[-1] = float(bad)  # in rank 1's own shard: rank 0 never receives it
+        out[bad] = torch.empty(64)
+        FP8ReduceScatter()(out[bad], x, dist.group.WORLD, dist.ReduceOp.SUM)
+    x = torch.randn(WORLD * 64, generator=torch.Generator().manual_seed(rank)).bfloat16()
+    out["bf16"] = (x, torch.empty(64, dtype=torch.bfloat16))
+    FP8ReduceScatter()(out["bf16"][1], x, dist.group.WORLD, dist.ReduceOp.AVG)
+    premul = dist._make_nccl_premul_sum(0.25)  # what FSDP2 sends after set_gradient_divide_factor
+    out["premul"] = (hasattr(premul, "factor"), torch.empty(64), torch.empty(64))
+    try:
+        FP8ReduceScatter()(out["premul"][1], x.float(), dist.group.WORLD, premul)
+        FP8ReduceScatter()(out["premul"][2], x.float(), dist.group.WORLD, dist.ReduceOp.SUM)
+    except ValueError as e:
+        out["premul"] = (False, str(e))
+    try:
+        FP8ReduceScatter()(torch.empty(64), x.float(), dist.group.WORLD, dist.ReduceOp.MAX)
+        out["max"] = "no error"
+    except ValueError as e:
+        out["max"] = str(e)
+    return out
+
+
 def _ddp_training(rank: int) -> dict:
     torch.manual_seed(rank)  # different inits: DDP must broadcast rank 0's
     net = _Net()
@@ -108,12 +158,13 @@ def _ddp_training(rank: int) -> dict:
     return dict(start=start, params=_flat(net.parameters()), grad=ddp_grad, true_grad=true_grad)
 
 
-def _fsdp_training(rank: int) -> dict:
+def _fsdp_training(rank: int, fp8_comm: bool = False) -> dict:
     torch.manual_seed(0)
     net = _Net()
     ref = copy.deepcopy(net)
+    start = _flat(ref.parameters()).clone()
     try:
-        model = wrap_model(net, "fsdp", device="cpu")
+        model = wrap_model(net, "fsdp", fp8_comm=fp8_comm, device="cpu")
     except (NotImplementedError, RuntimeError) as e:  # FSDP2 without gloo/CPU support
         return dict(skip=f"fully_shard on gloo/CPU failed: {e}")
     sharded = type(net.layers[0].weight).__name__
@@ -124,13 +175,21 @@ def _fsdp_training(rank: int) -> dict:
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
     for step in range(3):
         F.mse_loss(model(_batch(rank, step)[0]), _batch(rank, step)[1]).backward()
-        opt.step()
-        opt.zero_grad()
         F.mse_loss(ref(_full_batch(step)[0]), _full_batch(step)[1]).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
-    params = _flat(p.full_tensor() for p in net.parameters())
-    return dict(params=params, ref=_flat(ref.parameters()), sharded=sharded)
+        if step == 0:
+            grad = _flat(p.grad.full_tensor() for p in net.parameters())
+            true_grad = _flat(p.grad for p in ref.parameters())
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+    return dict(
+        start=start,
+        params=_flat(p.full_tensor() for p in net.parameters()),
+        ref=_flat(ref.parameters()),
+        sharded=sharded,
+        grad=grad,
+        true_grad=true_grad,
+    )
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
@@ -147,8 +206,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         res = dict(
             env=(env[0], env[1], env[2], str(env[3]), dist.get_backend()),
             hook=_hook_numerics(rank),
+            rs=_reduce_scatter_numerics(rank),
             ddp=_ddp_training(rank),
             fsdp=_fsdp_training(rank),
+            fsdp_fp8=_fsdp_training(rank, fp8_comm=True),
         )
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
@@ -207,6 +268,60 @@ def test_fp8_hook_allreduce_mode_needs_nccl(ranks):
     assert "needs the NCCL backend" in ranks[0]["hook"]["allreduce_on_gloo"]
 
 
+def _half_ulp_bound(inputs: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Per element, half an FP8 ulp of each rank's value on that rank's own grid, summed:
+    ``inputs`` [WORLD, WORLD, n] (source rank, destination shard, element) -> [WORLD, n]."""
+    f = get(fmt)
+    scale = inputs.abs().amax(dim=2, keepdim=True) / f.max  # one per (source, shard)
+    per_rank = torch.maximum(inputs.abs() * 2.0 ** -(f.mbits + 1), scale * f.min_subnormal / 2)
+    return per_rank.sum(0) + 1e-6 * inputs.abs().sum(0)  # + float32 rounding of the sum
+
+
+@pytest.mark.parametrize("op", ["SUM", "AVG"])
+@pytest.mark.parametrize("fmt", ["e5m2", "e4m3"])
+def test_fp8_reduce_scatter_within_quantization_bound(ranks, fmt, op):
+    inputs = ranks[0]["rs"][fmt, op]["inputs"]
+    bound = _half_ulp_bound(inputs.view(WORLD, WORLD, -1), fmt)  # [WORLD, n]: shard r on rank r
+    div = WORLD if op == "AVG" else 1
+    for r, res in enumerate(ranks):
+        got, ref = res["rs"][fmt, op]["got"], res["rs"][fmt, op]["ref"] / div
+        err = (got - ref).abs()
+        worst = (err / (bound[r] / div)).max().item()
+        rel = (err.norm() / ref.norm()).item()
+        assert worst <= 1.0, f"{fmt} {op} rank {r}: error exceeds the bound by {worst:.3f}x"
+        assert worst > 0.5, f"{fmt} {op} rank {r}: bound loose, worst error {worst:.3f} of it"
+        assert 0 < rel < 2.0 ** -(get(fmt).mbits + 1), f"{fmt} {op}: relative L2 error {rel:.4f}"
+
+
+def test_fp8_reduce_scatter_nonfinite_bf16_and_ops(ranks):
+    for res in ranks:  # a NaN / Inf in rank 1's own shard: every rank's whole output is NaN
+        assert torch.isnan(res["rs"]["nan"]).all() and torch.isnan(res["rs"]["inf"]).all()
+    x0, x1 = ranks[0]["rs"]["bf16"][0].float(), ranks[1]["rs"]["bf16"][0].float()
+    for r, res in enumerate(ranks):
+        out = res["rs"]["bf16"][1]
+        assert out.dtype == torch.bfloat16
+        mean = ((x0 + x1) / 2).view(WORLD, -1)[r]
+        rel = ((out.float() - mean).norm() / mean.norm()).item()
+        assert rel < 2.0**-3, f"bf16 rank {r}: relative error {rel:.4f}"
+    for res in ranks:
+        has_factor, *got = res["rs"]["premul"]
+        if has_factor:  # torch 2.13: PREMUL_SUM(0.25) is a quarter of the SUM, exactly
+            assert torch.equal(got[0], got[1] * 0.25)
+        else:  # torch 2.11's ReduceOp hides its factor
+            assert "SUM, AVG or PREMUL_SUM" in got[0] and "force_sum_reduction" in got[0]
+        assert "takes ReduceOp SUM, AVG or PREMUL_SUM" in res["rs"]["max"]
+
+
+def test_fp8_reduce_scatter_implements_fsdp_interface():
+    # the private interface FSDPModule.set_custom_reduce_scatter takes; moves with torch
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    for name in ReduceScatter.__abstractmethods__:
+        want = inspect.signature(getattr(ReduceScatter, name)).parameters.values()
+        got = inspect.signature(getattr(FP8ReduceScatter, name)).parameters.values()
+        assert [(p.name, p.kind) for p in got] == [(p.name, p.kind) for p in want], name
+
+
 def test_ddp_with_fp8_hook_keeps_ranks_identical(ranks):
     r0, r1 = ranks[0]["ddp"], ranks[1]["ddp"]
     assert torch.equal(r0["start"], r1["start"]), "DDP did not broadcast rank 0's parameters"
@@ -223,6 +338,20 @@ def test_fsdp2_sharded_training_matches_adamw(ranks):
     assert r0["sharded"] == "DTensor"
     assert torch.equal(r0["params"], r1["params"])
     torch.testing.assert_close(r0["params"], r0["ref"], rtol=0, atol=1e-5)
+
+
+def test_fsdp2_with_fp8_reduce_scatter_close_to_adamw(ranks):
+    r0, r1 = ranks[0]["fsdp_fp8"], ranks[1]["fsdp_fp8"]
+    if "skip" in r0:
+        pytest.skip(r0["skip"])
+    assert torch.equal(r0["params"], r1["params"]), "ranks' parameters diverged"
+    rel = ((r0["grad"] - r0["true_grad"]).norm() / r0["true_grad"].norm()).item()
+    assert 0 < rel < 2.0**-3, f"FSDP FP8 gradient vs full-batch gradient: rel error {rel:.4f}"
+    # three AdamW steps, each about lr * sign(grad) per parameter: the few gradients whose
+    # sign FP8 rounding flips (where the ranks' gradients nearly cancel) move 2 lr apart
+    fp8_step, fp32_step = r0["params"] - r0["start"], ranks[0]["fsdp"]["params"] - r0["start"]
+    rel = ((fp8_step - fp32_step).norm() / fp32_step.norm()).item()
+    assert 0 < rel < 0.15, f"FP8 vs float32 reduce-scatter: updates differ by {rel:.4f} (rel L2)"
 
 
 # ---------------------------------------------------------------- single process
@@ -247,15 +376,29 @@ def test_wrap_model_errors():
         wrap_model(_Net(), "tp")
     with pytest.raises(ValueError, match="initialized process group"):
         wrap_model(_Net(), "ddp", device="cpu")
-    with pytest.raises(ValueError, match="fp8_comm works with parallel='ddp' only"):
-        wrap_model(_Net(), "fsdp", fp8_comm=True)
+    with pytest.raises(ValueError, match="fp8_comm needs parallel='ddp' or 'fsdp'"):
+        wrap_model(_Net(), "none", fp8_comm=True)
+    with pytest.raises(ValueError, match="FP8CommState takes fmt only"):
+        wrap_model(_Net(), "fsdp", fp8_comm=FP8CommState(reduce="allreduce"))
+    with pytest.raises(ValueError, match="initialized process group"):
+        wrap_model(_Net(), "fsdp", fp8_comm=FP8CommState("e4m3"))
     model = _Net()
     assert wrap_model(model, "none", device="cpu") is model
+
+
+def test_fsdp_fp8_comm_needs_custom_reduce_scatter(monkeypatch):
+    from torch.distributed.fsdp import FSDPModule
+
+    monkeypatch.delattr(FSDPModule, "set_custom_reduce_scatter")
+    with pytest.raises(RuntimeError, match="needs FSDPModule.set_custom_reduce_scatter"):
+        wrap_model(_Net(), "fsdp", fp8_comm=True)
 
 
 def test_fp8_comm_state_validation():
     with pytest.raises(ValueError, match="fmt"):
         FP8CommState(fmt="e2m1")
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        FP8ReduceScatter("e2m1")
     with pytest.raises(ValueError, match="reduce"):
         FP8CommState(reduce="sum")
 
