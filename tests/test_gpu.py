@@ -104,6 +104,36 @@ def test_quantize_dy_both_operands_bit_exact(gen):
         _assert_same(a, b, f"dY {name}", seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_traced_quantizers_equal_the_kernels(dtype, gen):
+    """Under torch.compile FP4Linear quantizes with ``kernels.traced`` (tensor ops Inductor can
+    fuse into the producer): compiled by Inductor they must give the kernels' bits."""
+    import torch._dynamo
+
+    from fp4train.kernels import traced
+
+    g, seed = gen
+    torch._dynamo.reset()
+    x = _wide(1000, 1040, g, dtype)
+    for fmt in ("e2m1", "e4m3"):
+        f = torch.compile(lambda x, fmt=fmt: traced.quantize_rows(x, fmt, store_qt=True))
+        got, want = f(x), kq.quantize_rows(x, fmt, store_qt=True)
+        for name, a, b in zip(("q", "scale", "q_t"), got[:3], want[:3], strict=True):
+            _assert_same(a, b, f"compiled {fmt} {name}", seed)
+    xb = x.bfloat16()
+    lo, hi = torch.tensor([-3.0], device="cuda"), torch.tensor([2.0], device="cuda")
+    f = torch.compile(lambda x: traced.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True))
+    want = kq.quantize_rows(xb, "e2m1", lo=lo, hi=hi, store_qt=True)
+    for name, a, b in zip(("q", "scale", "q_t", "resid"), f(xb), want, strict=True):
+        _assert_same(a, b, f"compiled clamped {name}", seed)
+    s_w = torch.rand(1040, device="cuda", generator=g) + 0.01
+    s_x = torch.rand(1000, device="cuda", generator=g) * 3
+    f = torch.compile(lambda d: traced.quantize_rowwise_and_colwise(d, "e5m2", "e5m2", s_w, s_x))
+    got, want = f(xb), kq.quantize_rowwise_and_colwise(xb, "e5m2", "e5m2", s_w, s_x)
+    for name, a, b in zip(("q_row", "s_row", "q_col_t", "s_col"), got, want, strict=True):
+        _assert_same(a, b, f"compiled dY {name}", seed)
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 def test_occ_thresholds_and_clamp_bit_exact(granularity, gen):
     g, seed = gen

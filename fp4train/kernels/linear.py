@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from fp4train.kernels import traced
 from fp4train.kernels.dge import dge_weight_grad
 from fp4train.kernels.occ import occ_compensate, occ_compensate_wgrad, occ_thresholds
 from fp4train.kernels.quantize import custom_op, quantize_rows, quantize_rowwise_and_colwise
@@ -130,6 +131,24 @@ def _(a, b_t, scale_a, scale_b, out_dtype=torch.bfloat16):
     return a.new_empty((a.shape[0], b_t.shape[0]), dtype=out_dtype)
 
 
+def _traced(stochastic: bool) -> bool:
+    """Quantize with tensor ops (``fp4train.kernels.traced``) instead of the Triton kernels:
+    while torch.compile traces, so Inductor fuses the quantization into its producer, unless
+    an operand rounds stochastically (the kernels' Philox stream) or
+    ``FP4TRAIN_COMPILE_KERNELS=1`` asks for the kernels."""
+    return (
+        torch.compiler.is_compiling()
+        and not stochastic
+        and os.environ.get("FP4TRAIN_COMPILE_KERNELS") != "1"
+    )
+
+
+def _quantize_rows(x, fmt, stochastic=False, seed=0, **kw):
+    if _traced(stochastic):
+        return traced.quantize_rows(x, fmt, **kw)
+    return quantize_rows(x, fmt, stochastic=stochastic, seed=seed, **kw)
+
+
 def _stochastic(recipe: Recipe, op: str) -> bool:
     return recipe.operand(op).rounding == "stochastic"
 
@@ -159,11 +178,11 @@ def linear_forward(
         lo, hi = occ_thresholds(x2d, occ.alpha, occ.granularity)
     # q_x [Mp,K] + q_x_t [K,Mp]; with OCC, of the clamped X, plus the residual R [M,K] bf16
     seed = _seed(recipe, ("fwd_x", "fwd_w"))
-    q_x, s_x, q_x_t, resid = quantize_rows(
+    q_x, s_x, q_x_t, resid = _quantize_rows(
         x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True,
         stochastic=_stochastic(recipe, "fwd_x"), seed=seed,
     )  # fmt: skip
-    q_w, s_w, q_w_t, _ = quantize_rows(
+    q_w, s_w, q_w_t, _ = _quantize_rows(
         weight, fw, store_q=True, store_qt=True, stochastic=_stochastic(recipe, "fwd_w"),
         seed=seed + 2,
     )  # fmt: skip
@@ -174,7 +193,7 @@ def linear_forward(
         r = resid  # Y += R·Wᵀ, a dense bf16 GEMM with float32 accumulation
         y = occ_compensate(y, r, weight)
         if recipe.act_save == "e4m3":  # wgrad's copy of R in FP8, one scale per row
-            r, s_r, _, _ = quantize_rows(resid, "e4m3", store_q=True)
+            r, s_r, _, _ = _quantize_rows(resid, "e4m3", store_q=True)
     return y, (q_x_t, s_x, q_w_t, s_w, r, s_r)
 
 
@@ -195,11 +214,17 @@ def linear_backward(
         return dx, dw
     # dY·diag(s_w) per row (dgrad; W's scale sits on the reduction dim N) and diag(s_x)·dY per
     # column (wgrad; X's scale sits on the reduction dim M), from one pass over dY
-    q_dy, s_dy, q_dy2_t, s_dy2 = quantize_rowwise_and_colwise(
-        dy2d, recipe.dgrad_dy.format, recipe.wgrad_dy.format, s_w, s_x[:m], need_dx, need_dw,
-        _stochastic(recipe, "dgrad_dy"), _stochastic(recipe, "wgrad_dy"),
-        _seed(recipe, ("dgrad_dy", "wgrad_dy")),
-    )  # fmt: skip
+    fr, fc = recipe.dgrad_dy.format, recipe.wgrad_dy.format
+    sr_row, sr_col = _stochastic(recipe, "dgrad_dy"), _stochastic(recipe, "wgrad_dy")
+    if _traced(sr_row or sr_col):
+        q_dy, s_dy, q_dy2_t, s_dy2 = traced.quantize_rowwise_and_colwise(
+            dy2d, fr, fc, s_w, s_x[:m], need_dx, need_dw
+        )
+    else:
+        q_dy, s_dy, q_dy2_t, s_dy2 = quantize_rowwise_and_colwise(
+            dy2d, fr, fc, s_w, s_x[:m], need_dx, need_dw, sr_row, sr_col,
+            _seed(recipe, ("dgrad_dy", "wgrad_dy")),
+        )  # fmt: skip
     if need_dx:
         # dgrad: dX = (q_dy·s_dy) · q_w   [Mp,N] @ [N,K] -> [Mp,K]
         dx = scaled_mm_rowwise(q_dy, q_w_t, s_dy, None)[:m]

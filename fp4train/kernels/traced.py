@@ -1,0 +1,129 @@
+"""The quantize kernels' arithmetic in plain tensor ops, for torch.compile to fuse.
+
+In eager mode every quantization is one of the Triton kernels of
+``fp4train.kernels.quantize``: it must read its input from memory. Under torch.compile the
+same operations written as tensor ops let Inductor fuse them into the op that produced the
+input (RMSNorm, SwiGLU, the previous backward op), as torchao's float8 training does, so the
+bf16 tensor need not be written and read again. The arithmetic is the kernels' (the same
+bit manipulation, IEEE division by the scale), so the numbers are the same bit for bit; the
+GPU tests check this. (Inductor may still skip a bf16 rounding between a fused producer and
+the quantization: the same caveat as for any compiled bf16 model.) Stochastic rounding is not
+available here (its Philox stream is the kernels'): callers use the kernels for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fp4train.kernels.quantize import FP8_DTYPE, grid_constants, padded_rows
+
+__all__ = ["quantize_rows", "quantize_rowwise_and_colwise"]
+
+_MIN_SCALE = 1.1754943508222875e-38  # 2**-126, as the kernels' _absmax_scale
+_GRID = {name: grid_constants(name) for name in FP8_DTYPE}  # plain dicts: nothing to trace
+
+
+def _div(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """float32 ``a / b`` correctly rounded, as the kernels' IEEE division: computed in float64
+    and rounded to float32, which is exact for division (53 >= 2 * 24 + 2: rounding twice
+    cannot differ from rounding once). Inductor lowers a float32 ``/`` to Triton's
+    approximate division; its float64 division is IEEE. For the [M] scale vectors."""
+    return (a.double() / b).float()
+
+
+def _div_by_rows(v: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
+    """float32 ``v / s`` (s broadcast along ``dim``) correctly rounded, without a division
+    per element: ``v · (1/s)`` in float64, rounded to float32. The float64 value is within
+    2**-52 (relative) of the quotient, and a quotient of two float32 numbers is never within
+    2**-50 of a float32 rounding midpoint (|a - m·b| is a nonzero multiple of 2**-49 |a|), so
+    the rounding is the IEEE quotient's."""
+    r = (1.0 / s.double()).unsqueeze(dim)
+    return (v.double() * r).float()
+
+
+def _absmax_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    s = torch.clamp_min(_div(amax, fmax), _MIN_SCALE)
+    return torch.where(amax > 0, s, 1.0)
+
+
+def _round_to_grid(u: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The kernels' ``_round_to_grid`` (nearest-even, saturating, NaN kept) on float32 ``u``."""
+    c = _GRID[fmt]
+    bits = u.view(torch.int32)
+    mag_bits = bits & 0x7FFFFFFF
+    e = torch.clamp((mag_bits >> 23) - 127, c["MIN_EXP"], c["EMAX"] + 1)
+    inv_step = ((127 + c["MBITS"] - e) << 23).view(torch.float32)
+    step = ((127 - c["MBITS"] + e) << 23).view(torch.float32)
+    y = torch.round(mag_bits.view(torch.float32) * inv_step)  # exact, below 2**(MBITS+1)
+    q = torch.clamp_max(y * step, c["FMAX"])
+    out = (q.view(torch.int32) | (bits & -2147483648)).view(torch.float32)
+    return torch.where(u != u, u, out)
+
+
+def _pad_rows(t: torch.Tensor, mp: int) -> torch.Tensor:
+    return t if t.shape[0] == mp else F.pad(t, (0, 0, 0, mp - t.shape[0]))
+
+
+def _rows(v: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [M, K] on the grid in float32, scale [M]) of float32 ``v``, one scale per row."""
+    s = _absmax_scale(v.abs().amax(dim=1), _GRID[fmt]["FMAX"])
+    return _round_to_grid(_div_by_rows(v, s, 1), fmt), s
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    fmt: str,
+    col_scale: torch.Tensor | None = None,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+    store_q: bool = True,
+    store_qt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fp4train.kernels.quantize.quantize_rows` (without stochastic rounding)."""
+    m, _ = x.shape
+    mp = padded_rows(m)
+    v = x.float()
+    if col_scale is not None:
+        v = v * col_scale.float()[None, :]
+    resid = x.new_empty(0, dtype=torch.bfloat16)
+    if lo is not None:
+        lo2, hi2 = (t.float().reshape(-1, 1) for t in (lo, hi))
+        v = torch.minimum(torch.maximum(v, lo2), hi2)
+        resid = (x.float() - v).to(torch.bfloat16)
+    q, s = _rows(v, fmt)
+    q = _pad_rows(q, mp).to(FP8_DTYPE[fmt])
+    s = F.pad(s, (0, mp - m), value=1.0)
+    empty = x.new_empty(0, dtype=FP8_DTYPE[fmt])
+    return (q if store_q else empty, s, q.t().contiguous() if store_qt else empty,
+            resid)  # fmt: skip
+
+
+def quantize_rowwise_and_colwise(
+    x: torch.Tensor,
+    row_fmt: str,
+    col_fmt: str,
+    col_scale: torch.Tensor | None,
+    row_scale: torch.Tensor,
+    need_row: bool = True,
+    need_col: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fp4train.kernels.quantize.quantize_rowwise_and_colwise` (no stochastic rounding)."""
+    m, n = x.shape
+    mp = padded_rows(m)
+    xf = x.float()
+    q_row = x.new_empty(0, dtype=FP8_DTYPE[row_fmt])
+    s_row = x.new_empty(0, dtype=torch.float32)
+    q_col_t = x.new_empty(0, dtype=FP8_DTYPE[col_fmt])
+    s_col = x.new_empty(0, dtype=torch.float32)
+    if need_row:
+        v = xf * col_scale.float()[None, :] if col_scale is not None else xf
+        q, s = _rows(v, row_fmt)
+        q_row = _pad_rows(q, mp).to(FP8_DTYPE[row_fmt])
+        s_row = F.pad(s, (0, mp - m), value=1.0)
+    if need_col:
+        v = xf * row_scale.float()[:, None]
+        s_col = _absmax_scale(v.abs().amax(dim=0), _GRID[col_fmt]["FMAX"])
+        q2 = _round_to_grid(_div_by_rows(v, s_col, 0), col_fmt)
+        q_col_t = _pad_rows(q2, mp).to(FP8_DTYPE[col_fmt]).t().contiguous()
+    return q_row, s_row, q_col_t, s_col

@@ -1,0 +1,84 @@
+"""``fp4train.kernels.traced`` (the quantize kernels as tensor ops, for torch.compile) against
+the plain-PyTorch twins of the kernels (``fp4train.kernels.reference``, written with the
+reference quantizer ``fp4train.quantize``): the same bits, eager and compiled on the CPU.
+(The GPU tests compare the compiled version with the Triton kernels themselves.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # traced imports the kernels' constants
+
+from fp4train.kernels import reference as ref  # noqa: E402
+from fp4train.kernels import traced  # noqa: E402
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _wide(m, k, seed, dtype=torch.bfloat16):
+    """~12 binades per row, a zero row, exact E2M1 ties once scaled by a max of 6."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-6, 6, (m, k), generator=g))
+    x[m // 2] = 0.0
+    x[1, :5] = torch.tensor([0.25, 0.75, 1.25, 5.0, 6.0])
+    return x.to(dtype)
+
+
+def _assert_same(got, want, what):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{what}[{i}]: {a.dtype} vs {b.dtype}"
+        if a.dtype in FP8:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        bad = int((a != b).sum())
+        assert bad == 0, f"{what}[{i}]: {bad} of {a.numel()} elements differ"
+
+
+@pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_rows_matches_twin(fmt, dtype):
+    x = _wide(37, 96, 0, dtype)  # 37 rows: padded to 48
+    col = torch.rand(96, generator=torch.Generator().manual_seed(1)) + 0.5
+    for kw in ({}, {"col_scale": col}):
+        got = traced.quantize_rows(x, fmt, store_q=True, store_qt=True, **kw)
+        want = ref.quantize_rows(x, fmt, store_q=True, store_qt=True, **kw)
+        _assert_same(got, want, f"{fmt} {dtype} {list(kw)}")
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_clamped_rows_and_residual_match_twin(per_row):
+    x = _wide(40, 64, 2)
+    lo, hi = torch.tensor([-1.5]), torch.tensor([2.0])
+    if per_row:
+        lo, hi = -torch.rand(40) * 2, torch.rand(40) * 2
+    got = traced.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True)
+    want = ref.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True)
+    _assert_same(got, want, "clamped")
+    assert got[3].abs().gt(0).any()  # the residual is not empty
+
+
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_dy_operands_match_twin(need):
+    dy = _wide(50, 160, 3)
+    g = torch.Generator().manual_seed(4)
+    s_w, s_x = torch.rand(160, generator=g) + 0.01, torch.rand(50, generator=g) * 3
+    got = traced.quantize_rowwise_and_colwise(dy, "e5m2", "e4m3", s_w, s_x, *need)
+    want = ref.quantize_rowwise_and_colwise(dy, "e5m2", "e4m3", s_w, s_x, *need)
+    _assert_same(got, want, f"dY need={need}")
+
+
+def test_compiled_matches_twin():
+    """Inductor (C++ on the CPU) keeps the bits: the divisions run in float64."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = _wide(48, 64, 5)
+    f = torch.compile(lambda x: traced.quantize_rows(x, "e2m1", store_qt=True), fullgraph=True)
+    _assert_same(f(x)[:3], ref.quantize_rows(x, "e2m1", store_qt=True)[:3], "compiled rows")
+    s_w, s_x = torch.rand(64) + 0.01, torch.rand(48) * 3
+    f = torch.compile(traced.quantize_rowwise_and_colwise, fullgraph=True)
+    _assert_same(
+        f(x, "e5m2", "e5m2", s_w, s_x),
+        ref.quantize_rowwise_and_colwise(x, "e5m2", "e5m2", s_w, s_x),
+        "compiled dY",
+    )
