@@ -33,7 +33,10 @@ input of each RMSNorm of a ``fp4train.model`` (the residual stream, float32 unde
 and the two inputs of each SwiGLU MLP in FP8 E4M3 with one float32 absmax scale per row
 (COAT-style activation compression: 1 byte per element instead of 4 for float32 inputs, 2 for
 bf16), dequantized in backward. With OCC it also keeps the residual R that the weight
-gradient's compensation term needs in E4M3 per row. The forward is unchanged.
+gradient's compensation term needs in E4M3 per row. On the triton backend FP4Linear then also
+drops its FP8 copy of the weight after the forward and quantizes the master weight again in
+backward (the same bits: one byte per weight less held, one more read of W). The forward is
+unchanged.
 :func:`fp4train.convert` sets it on the model's norms and MLPs; FP4Linear reads it from its
 recipe.
 """

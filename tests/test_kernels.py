@@ -29,6 +29,7 @@ CHECKS = [
     "clamp_and_residual",
     "dge_weight_grad",
     "linear_matches_reference",
+    "linear_act_save_requantizes_w",
     "compiled_model_matches_eager",
     "stochastic_rounding",
     "linear_stochastic_recipe",
@@ -241,6 +242,37 @@ def check_linear_matches_reference(g):
             # same quantized operands; outputs rounded to bf16 (2**-9) once more
             if not err < 5e-3:
                 raise AssertionError(f"{name} {what}: relative error {err:.2e}")
+
+
+def check_linear_act_save_requantizes_w(g):
+    """act_save: FP4Linear keeps no FP8 copy of W for backward and makes it again from the
+    master weight: the same gradients bit for bit (a stochastic W keeps its copy)."""
+    from fp4train import kernels
+    from fp4train.recipe import Recipe
+
+    x = torch.randn(40, 64, generator=g).bfloat16()
+    w = torch.randn(48, 64, generator=g) * 0.05
+    dy = torch.randn(40, 48, generator=g).bfloat16()
+    for name in ("fp4-dge", "fp8"):
+        plain = Recipe.preset(name)
+        lean = plain.replace(act_save="e4m3")
+        y, saved = kernels.linear_forward(x, w, plain)
+        y2, saved2 = kernels.linear_forward(x, w, lean)
+        if saved[2] is None or saved2[2] is not None:
+            raise AssertionError(f"{name}: W's FP8 copy kept {saved[2] is not None}, "
+                                 f"with act_save {saved2[2] is not None}")  # fmt: skip
+        _same(y2, y, f"{name} y")
+        got = kernels.linear_backward(saved2, dy, w, lean, True, True)
+        want = kernels.linear_backward(saved, dy, w, plain, True, True)
+        for what, a, b in zip(("dx", "dw"), got, want, strict=True):
+            _same(a, b, f"{name} act_save {what}")
+    from fp4train.recipe import OperandSpec
+
+    sr = Recipe.preset("fp4-dge").replace(
+        act_save="e4m3", fwd_w=OperandSpec("e2m1", "row", rounding="stochastic")
+    )
+    if kernels.linear_forward(x, w, sr)[1][2] is None:
+        raise AssertionError("a stochastically rounded W must keep its FP8 copy")
 
 
 def check_compiled_model_matches_eager(g):

@@ -20,7 +20,8 @@ The wgrad GEMM writes the float32 master gradient directly; DGE then scales it i
 With OCC, the X quantize pass also writes the dense bf16 residual R, and the compensation
 products are bf16 GEMMs (``fp4train.kernels.occ``); nothing syncs with the host. Backward
 keeps R for wgrad's term: in bf16, or with ``act_save="e4m3"`` in E4M3 with a float32 scale
-per row (half the bytes; R is as large as X).
+per row (half the bytes; R is as large as X), and W's FP8 copy is not kept: backward
+quantizes the master weight again (the same bits; one more read of W).
 """
 
 from __future__ import annotations
@@ -182,8 +183,9 @@ def linear_forward(
         x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True,
         stochastic=_stochastic(recipe, "fwd_x"), seed=seed,
     )  # fmt: skip
+    keep_w = not _requantize_w(recipe)
     q_w, s_w, q_w_t, _ = _quantize_rows(
-        weight, fw, store_q=True, store_qt=True, stochastic=_stochastic(recipe, "fwd_w"),
+        weight, fw, store_q=True, store_qt=keep_w, stochastic=_stochastic(recipe, "fwd_w"),
         seed=seed + 2,
     )  # fmt: skip
     # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
@@ -194,7 +196,15 @@ def linear_forward(
         y = occ_compensate(y, r, weight)
         if recipe.act_save == "e4m3":  # wgrad's copy of R in FP8, one scale per row
             r, s_r, _, _ = _quantize_rows(resid, "e4m3", store_q=True)
+    if not keep_w:
+        q_w_t = None  # backward quantizes W again: the same bits, 1 byte per weight less held
     return y, (q_x_t, s_x, q_w_t, s_w, r, s_r)
+
+
+def _requantize_w(recipe: Recipe) -> bool:
+    """With ``act_save`` the FP8 copy of W is not kept for dgrad: backward makes it again from
+    the master weight (deterministic unless W rounds stochastically, then it is kept)."""
+    return recipe.act_save is not None and not _stochastic(recipe, "fwd_w")
 
 
 def linear_backward(
@@ -226,6 +236,10 @@ def linear_backward(
             _seed(recipe, ("dgrad_dy", "wgrad_dy")),
         )  # fmt: skip
     if need_dx:
+        if q_w_t is None:  # act_save: W's FP8 copy was not kept; the same bits again
+            _, _, q_w_t, _ = _quantize_rows(
+                weight, recipe.fwd_w.format, store_q=False, store_qt=True
+            )
         # dgrad: dX = (q_dy·s_dy) · q_w   [Mp,N] @ [N,K] -> [Mp,K]
         dx = scaled_mm_rowwise(q_dy, q_w_t, s_dy, None)[:m]
     if need_dw:
