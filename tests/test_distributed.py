@@ -413,3 +413,17 @@ def test_launched_world_size_and_device_choice(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE must be an integer, got 'two'"):
         fdist.launched_world_size()
+
+
+def test_sharded_weight_quantized_then_gathered_gives_the_same_bits():
+    """FSDP2 shards W along its output channels, FP4Linear scales W per output channel: each
+    rank can quantize its rows and all-gather FP8 (benchmarks/bench_allgather.py times both
+    orders on GPUs); the script's check, on two gloo processes, compares the bits."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "bench_allgather.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", script, "--device", "cpu", "--check"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "same bits both ways: small, odd (2 ranks, cpu)" in res.stdout
