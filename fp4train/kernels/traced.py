@@ -65,10 +65,12 @@ def _pad_rows(t: torch.Tensor, mp: int) -> torch.Tensor:
     return t if t.shape[0] == mp else F.pad(t, (0, 0, 0, mp - t.shape[0]))
 
 
-def _rows(v: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [M, K] on the grid in float32, scale [M]) of float32 ``v``, one scale per row."""
+def _rows(v: torch.Tensor, fmt: str, mp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [Mp, K] in ``FP8_DTYPE[fmt]``, scale [Mp]) of float32 ``v`` [M, K], one scale per
+    row; rows M..Mp are zero with scale 1, as the kernels pad them."""
     s = _absmax_scale(v.abs().amax(dim=1), _GRID[fmt]["FMAX"])
-    return _round_to_grid(_div_by_rows(v, s, 1), fmt), s
+    q = _round_to_grid(_div_by_rows(v, s, 1), fmt)
+    return _pad_rows(q, mp).to(FP8_DTYPE[fmt]), F.pad(s, (0, mp - v.shape[0]), value=1.0)
 
 
 def quantize_rows(
@@ -81,8 +83,7 @@ def quantize_rows(
     store_qt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fp4train.kernels.quantize.quantize_rows` (without stochastic rounding)."""
-    m, _ = x.shape
-    mp = padded_rows(m)
+    mp = padded_rows(x.shape[0])
     v = x.float()
     if col_scale is not None:
         v = v * col_scale.float()[None, :]
@@ -91,9 +92,7 @@ def quantize_rows(
         lo2, hi2 = (t.float().reshape(-1, 1) for t in (lo, hi))
         v = torch.minimum(torch.maximum(v, lo2), hi2)
         resid = (x.float() - v).to(torch.bfloat16)
-    q, s = _rows(v, fmt)
-    q = _pad_rows(q, mp).to(FP8_DTYPE[fmt])
-    s = F.pad(s, (0, mp - m), value=1.0)
+    q, s = _rows(v, fmt, mp)
     empty = x.new_empty(0, dtype=FP8_DTYPE[fmt])
     return (q if store_q else empty, s, q.t().contiguous() if store_qt else empty,
             resid)  # fmt: skip
@@ -118,9 +117,7 @@ def quantize_rowwise_and_colwise(
     s_col = x.new_empty(0, dtype=torch.float32)
     if need_row:
         v = xf * col_scale.float()[None, :] if col_scale is not None else xf
-        q, s = _rows(v, row_fmt)
-        q_row = _pad_rows(q, mp).to(FP8_DTYPE[row_fmt])
-        s_row = F.pad(s, (0, mp - m), value=1.0)
+        q_row, s_row = _rows(v, row_fmt, mp)
     if need_col:
         v = xf * row_scale.float()[:, None]
         s_col = _absmax_scale(v.abs().amax(dim=0), _GRID[col_fmt]["FMAX"])
