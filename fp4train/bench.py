@@ -401,7 +401,9 @@ def bench_step(
     one CUDA graph and time its replays: the GPU time without Python and launch overhead.
     Needs ``"adamw"``; a step that cannot be captured (a host sync) gives a NaN row. (A
     stochastic-rounding recipe captures, but its Philox seeds are frozen in the graph.)
+    ``compile``: each transformer block compiled (:func:`fp4train.model.compile_blocks`).
     """
+    from fp4train.model import compile_blocks
     from fp4train.optim import LowPrecisionAdamW
 
     _require_cuda()
@@ -415,7 +417,7 @@ def bench_step(
         base_tps = None
         for name, opt_name in [(r, o) for r in recipes for o in optimizers]:
             model, cfg = _bench_model(model_name, name, torch.device("cuda"))
-            fwd = torch.compile(model) if compile else model
+            fwd = compile_blocks(model) if compile else model
             if opt_name == "adamw":
                 opt = torch.optim.AdamW(
                     model.parameters(), lr=1e-4, fused=True, capturable=cuda_graph
@@ -619,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="linear: also time each fwd+bwd replayed from a CUDA graph; step: capture the "
         "whole training step in a CUDA graph (no launch overhead; fused AdamW only)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (step)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile each transformer block (step)"
+    )
     p.add_argument(
         "--optimizers",
         nargs="+",

@@ -339,7 +339,12 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
         choices=("auto", "bf16", "fp32"),
         help="auto = BF16 autocast on GPU, float32 on CPU (default: %(default)s)",
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (one graph serves all blocks; FP4Linear's "
+        "quantization is fused by Inductor there)",
+    )
     g.add_argument(
         "--parallel",
         default=_D.parallel,

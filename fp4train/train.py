@@ -751,6 +751,10 @@ def train(cfg: TrainConfig) -> dict:
     _seed_everything(cfg.seed)
     model = build_model(model_config, recipe)
     n_params = model.num_params()
+    if cfg.compile:  # per block, before wrapping (torchtitan's order): one graph for all
+        from fp4train.model import compile_blocks
+
+        compile_blocks(model)
     if parallel == "none":
         wrapped = model.to(device)
     else:
@@ -785,9 +789,8 @@ def train(cfg: TrainConfig) -> dict:
                 f"{cfg.max_steps}: nothing to do; raise --max-steps to train on"
             )
         recent.extend(losses)
-    train_model = torch.compile(wrapped) if cfg.compile else wrapped
     # DDP's replica evaluates without collectives; an FSDP2 model needs every rank's forward
-    eval_model = model if parallel == "ddp" else train_model
+    eval_model = model if parallel == "ddp" else wrapped
     monitor = None
     if cfg.monitor_every:
         from fp4train.monitor import QuantMonitor
@@ -926,7 +929,7 @@ def train(cfg: TrainConfig) -> dict:
                 try:
                     with wrapped.no_sync() if no_sync else contextlib.nullcontext():
                         with _autocast(device, amp_dtype):
-                            loss = train_model(x, y)
+                            loss = wrapped(x, y)
                         (loss / cfg.grad_accum).backward()
                 except ValueError as e:
                     if "NaN" not in str(e):

@@ -1,9 +1,11 @@
+import copy
 import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -648,6 +650,33 @@ def test_compiles_without_graph_breaks(act_save):
 @pytest.mark.parametrize("act_save", [None, "e4m3"])
 def test_inductor_compile_matches_eager(act_save):
     _compiled_matches_eager("inductor", act_save)  # ~30 s on a CPU: C++ codegen, fwd and bwd
+
+
+def test_compile_blocks_traces_one_graph_for_all_blocks():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from fp4train.model import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model(n_kv_heads=2)
+    eager = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    assert compile_blocks(model, backend="aot_eager") is model
+    assert list(model.state_dict()) == keys  # checkpoints load either way
+    idx = torch.randint(0, 300, (2, 32))
+    for _ in range(2):
+        loss = model(idx, idx)
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # 2 blocks, 2 steps
+    want = eager(idx, idx)
+    (want * 2).backward()  # two accumulated steps
+    torch.testing.assert_close(loss, want)
+    for p, q in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(TypeError, match="non-empty .layers"):
+        compile_blocks(nn.Linear(4, 4))
 
 
 # ---- training and generation -----------------------------------------------------------------
