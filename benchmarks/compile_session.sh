@@ -8,8 +8,9 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 FP4TRAIN_CACHE=/tmp/fp4cache PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
-timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
-  -k "compiled_traced or torch_compile or triton_matches_reference" 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_model.py \
+  -k "compiled_traced or torch_compile or triton_matches_reference or compile" 2>&1 | tail -3 \
+  | tee "$OUT/gpu_tests.txt"
 timeout 60 python3 benchmarks/bench_compile_quant.py exact 2>&1 | grep -v Warn | grep "differ\|RMSNorm" \
   | tee "$OUT/compile_quant.txt"
 timeout 150 python3 -m fp4train bench step --models 1.3b --compile --recipes bf16 fp4-dge fp4-paper \
