@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_bits, wide_values
 
 pytestmark = pytest.mark.gpu
 
@@ -28,8 +29,6 @@ from fp4train.kernels.linear import scaled_mm_rowwise  # noqa: E402
 from fp4train.linear import FP4Linear  # noqa: E402
 from fp4train.recipe import Recipe  # noqa: E402
 
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
@@ -50,16 +49,6 @@ def gen():
     return torch.Generator(device="cuda").manual_seed(seed), seed
 
 
-def _wide(m, k, gen, dtype=torch.bfloat16):
-    """Random values spanning ~12 binades per row, some zero rows, some exact ties."""
-    x = torch.randn(m, k, device="cuda", generator=gen)
-    x = x * torch.exp2(torch.randint(-6, 6, (m, k), device="cuda", generator=gen).float())
-    x[:: max(m // 5, 1)] = 0.0
-    x[1, :4] = torch.tensor([0.25, 0.75, 1.25, 5.0])  # ties of E2M1 once scaled by a max of 6
-    x[1, 4] = 6.0
-    return x.to(dtype)
-
-
 def _twin(fn, *args, **kwargs):
     """Run a reference twin on the CPU, where torch's division is IEEE (on CUDA, tensor / scalar
     multiplies by the rounded reciprocal, so ``absmax_scale`` differs there by an ulp)."""
@@ -72,13 +61,7 @@ def _twin(fn, *args, **kwargs):
 
 
 def _assert_same(got, want, what, seed):
-    assert got.shape == want.shape and got.dtype == want.dtype, (
-        f"{what}: {got.dtype}{tuple(got.shape)} vs {want.dtype}{tuple(want.shape)}"
-    )
-    if got.dtype in FP8:  # compare bits
-        got, want = got.view(torch.uint8), want.view(torch.uint8)
-    bad = int((got != want).sum())
-    assert bad == 0, f"{what}: {bad} of {got.numel()} elements differ (seed {seed})"
+    assert_same_bits(got, want, f"{what} (seed {seed})")
 
 
 @pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
@@ -86,7 +69,7 @@ def _assert_same(got, want, what, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quantize_rows_bit_exact(fmt, shape, dtype, gen):
     g, seed = gen
-    x = _wide(*shape, g, dtype)
+    x = wide_values(*shape, g, dtype)
     got = kq.quantize_rows(x, fmt, store_q=True, store_qt=True)
     want = _twin(ref.quantize_rows, x, fmt, store_q=True, store_qt=True)
     for name, a, b in zip(("q", "scale", "q_t"), got[:3], want[:3], strict=True):
@@ -95,7 +78,7 @@ def test_quantize_rows_bit_exact(fmt, shape, dtype, gen):
 
 def test_quantize_dy_both_operands_bit_exact(gen):
     g, seed = gen
-    dy = _wide(777, 2064, g)
+    dy = wide_values(777, 2064, g)
     s_w = torch.rand(2064, device="cuda", generator=g) + 0.01
     s_x = torch.rand(777, device="cuda", generator=g) * 3
     got = kq.quantize_rowwise_and_colwise(dy, "e5m2", "e5m2", s_w, s_x)
@@ -114,7 +97,7 @@ def test_compiled_traced_quantizers_equal_the_kernels(dtype, gen):
 
     g, seed = gen
     torch._dynamo.reset()
-    x = _wide(1000, 1040, g, dtype)
+    x = wide_values(1000, 1040, g, dtype)
     for fmt in ("e2m1", "e4m3"):
         f = torch.compile(lambda x, fmt=fmt: traced.quantize_rows(x, fmt, store_qt=True))
         got, want = f(x), kq.quantize_rows(x, fmt, store_qt=True)

@@ -16,6 +16,7 @@ import traceback
 
 import pytest
 import torch
+from conftest import assert_same_bits, wide_values
 
 CHECKS = [
     "quantize_rows_e2m1",
@@ -75,35 +76,15 @@ def _poison_outputs():
     kq.empty_output = empty_poisoned
 
 
-def _same(got, want, what):
-    if got.shape != want.shape or got.dtype != want.dtype:
-        raise AssertionError(
-            f"{what}: {got.dtype}{tuple(got.shape)} vs {want.dtype}{tuple(want.shape)}"
-        )
-    if got.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        got, want = got.view(torch.uint8), want.view(torch.uint8)
-    n = int((got != want).sum())
-    if n:
-        raise AssertionError(f"{what}: {n} of {got.numel()} elements differ")
-
-
-def _wide(m, k, g, dtype=torch.bfloat16):
-    """Values over ~12 binades, a zero row, exact E2M1 ties once scaled by a row max of 6."""
-    x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-6, 6, (m, k), generator=g))
-    x[2] = 0.0
-    x[1, :5] = torch.tensor([0.25, 0.75, 1.25, 5.0, 6.0])
-    return x.to(dtype)
-
-
 def _check_rows(fmt, g, dtype=torch.bfloat16):
     from fp4train.kernels import quantize as kq
     from fp4train.kernels import reference as ref
 
-    x = _wide(37, 600, g, dtype)  # 37 rows: padded to 48; 600 cols: two blocks and a partial
+    x = wide_values(37, 600, g, dtype)  # 37 rows: padded to 48; 600 cols: two blocks and a partial
     got = kq.quantize_rows(x, fmt, store_q=True, store_qt=True)
     want = ref.quantize_rows(x, fmt, store_q=True, store_qt=True)
     for name, a, b in zip(("q", "scale", "q_t"), got[:3], want[:3], strict=True):
-        _same(a, b, name)
+        assert_same_bits(a, b, name)
 
 
 def check_quantize_rows_e2m1(g):
@@ -126,7 +107,7 @@ def check_quantize_dy_both_operands(g):
     from fp4train.kernels import quantize as kq
     from fp4train.kernels import reference as ref
 
-    dy = _wide(50, 160, g)
+    dy = wide_values(50, 160, g)
     s_w = torch.rand(160, generator=g) + 0.01
     s_x = torch.rand(50, generator=g) * 3
     for need_row, need_col in ((True, True), (True, False), (False, True)):
@@ -134,7 +115,7 @@ def check_quantize_dy_both_operands(g):
         want = ref.quantize_rowwise_and_colwise(dy, "e5m2", "e4m3", s_w, s_x, need_row, need_col)
         names = ("q_row", "s_row", "q_col_t", "s_col")
         for name, a, b in zip(names, got, want, strict=True):
-            _same(a, b, f"dY {name} (need_row={need_row}, need_col={need_col})")
+            assert_same_bits(a, b, f"dY {name} (need_row={need_row}, need_col={need_col})")
 
 
 def _check_thresholds(g, granularity, **kw):
@@ -177,7 +158,7 @@ def check_clamp_and_residual(g):
         got = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True)
         want = ref.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True)
         for name, a, b in zip(("q", "scale", "q_t", "resid"), got, want, strict=True):
-            _same(a, b, f"{granularity} clamped X {name}")
+            assert_same_bits(a, b, f"{granularity} clamped X {name}")
         # independent: the residual is x minus its clamp, in float64, rounded once to bf16
         r = x.double() - torch.clamp(x.double(), lo.double().reshape(-1, 1),
                                      hi.double().reshape(-1, 1))  # fmt: skip
@@ -261,11 +242,11 @@ def check_linear_act_save_requantizes_w(g):
         if saved[2] is None or saved2[2] is not None:
             raise AssertionError(f"{name}: W's FP8 copy kept {saved[2] is not None}, "
                                  f"with act_save {saved2[2] is not None}")  # fmt: skip
-        _same(y2, y, f"{name} y")
+        assert_same_bits(y2, y, f"{name} y")
         got = kernels.linear_backward(saved2, dy, w, lean, True, True)
         want = kernels.linear_backward(saved, dy, w, plain, True, True)
         for what, a, b in zip(("dx", "dw"), got, want, strict=True):
-            _same(a, b, f"{name} act_save {what}")
+            assert_same_bits(a, b, f"{name} act_save {what}")
     from fp4train.recipe import OperandSpec
 
     sr = Recipe.preset("fp4-dge").replace(

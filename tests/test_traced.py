@@ -7,31 +7,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_bits, wide_values
 
 pytest.importorskip("triton")  # traced imports the kernels' constants
 
 from fp4train.kernels import reference as ref  # noqa: E402
 from fp4train.kernels import traced  # noqa: E402
 
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
 
 def _wide(m, k, seed, dtype=torch.bfloat16):
-    """~12 binades per row, a zero row, exact E2M1 ties once scaled by a max of 6."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-6, 6, (m, k), generator=g))
-    x[m // 2] = 0.0
-    x[1, :5] = torch.tensor([0.25, 0.75, 1.25, 5.0, 6.0])
-    return x.to(dtype)
+    return wide_values(m, k, torch.Generator().manual_seed(seed), dtype)
 
 
 def _assert_same(got, want, what):
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert a.shape == b.shape and a.dtype == b.dtype, f"{what}[{i}]: {a.dtype} vs {b.dtype}"
-        if a.dtype in FP8:
-            a, b = a.view(torch.uint8), b.view(torch.uint8)
-        bad = int((a != b).sum())
-        assert bad == 0, f"{what}[{i}]: {bad} of {a.numel()} elements differ"
+        assert_same_bits(a, b, f"{what}[{i}]")
 
 
 @pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
