@@ -32,7 +32,7 @@ def _div(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
     return (a.double() / b).float()
 
 
-def _div_by_rows(v: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
+def _div_by_scales(v: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
     """float32 ``v / s`` (s broadcast along ``dim``) correctly rounded, without a division
     per element: ``v · (1/s)`` in float64, rounded to float32. The float64 value is within
     2**-52 (relative) of the quotient, and a quotient of two float32 numbers is never within
@@ -65,11 +65,17 @@ def _pad_rows(t: torch.Tensor, mp: int) -> torch.Tensor:
     return t if t.shape[0] == mp else F.pad(t, (0, 0, 0, mp - t.shape[0]))
 
 
+def _absmax_quantize(v: torch.Tensor, fmt: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v on ``fmt``'s grid in units of its scale, float32; the scales) of float32 ``v``
+    [M, K], one absmax scale per row (``dim=1``) or per column (``dim=0``)."""
+    s = _absmax_scale(v.abs().amax(dim=dim), _GRID[fmt]["FMAX"])
+    return _round_to_grid(_div_by_scales(v, s, dim), fmt), s
+
+
 def _rows(v: torch.Tensor, fmt: str, mp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [Mp, K] in ``FP8_DTYPE[fmt]``, scale [Mp]) of float32 ``v`` [M, K], one scale per
     row; rows M..Mp are zero with scale 1, as the kernels pad them."""
-    s = _absmax_scale(v.abs().amax(dim=1), _GRID[fmt]["FMAX"])
-    q = _round_to_grid(_div_by_rows(v, s, 1), fmt)
+    q, s = _absmax_quantize(v, fmt, 1)
     return _pad_rows(q, mp).to(FP8_DTYPE[fmt]), F.pad(s, (0, mp - v.shape[0]), value=1.0)
 
 
@@ -119,8 +125,6 @@ def quantize_rowwise_and_colwise(
         v = xf * col_scale.float()[None, :] if col_scale is not None else xf
         q_row, s_row = _rows(v, row_fmt, mp)
     if need_col:
-        v = xf * row_scale.float()[:, None]
-        s_col = _absmax_scale(v.abs().amax(dim=0), _GRID[col_fmt]["FMAX"])
-        q2 = _round_to_grid(_div_by_rows(v, s_col, 0), col_fmt)
+        q2, s_col = _absmax_quantize(xf * row_scale.float()[:, None], col_fmt, 0)
         q_col_t = _pad_rows(q2, mp).to(FP8_DTYPE[col_fmt]).t().contiguous()
     return q_row, s_row, q_col_t, s_col
