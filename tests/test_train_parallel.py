@@ -107,6 +107,14 @@ def _rows(out) -> tuple[list, list]:
     return train_rows, [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
 
 
+def _copy_stopped_at(run, dst, step: int):
+    """A copy of ``run`` as if it had stopped at ``step``: its checkpoint becomes latest.pt."""
+    shutil.copytree(run, dst)
+    ckpts = dst / "checkpoints"
+    shutil.copyfile(ckpts / f"step_{step:06d}.pt", ckpts / "latest.pt")
+    return dst
+
+
 def _assert_same_run(got, want, rtol=RTOL):
     (t_got, v_got), (t_want, v_want) = _rows(got), _rows(want)
     assert [r[0] for r in t_got] == [r[0] for r in t_want]  # rank 0 alone logged
@@ -157,10 +165,7 @@ def test_ddp_equals_one_process_run(ddp_run, single):
 
 
 def test_ddp_checkpoint_resumes_on_one_process_and_evaluates(micro, ddp_run, tmp_path):
-    out = tmp_path / "resumed"
-    shutil.copytree(ddp_run, out)
-    ckpts = out / "checkpoints"
-    shutil.copyfile(ckpts / "step_000003.pt", ckpts / "latest.pt")  # as if stopped at step 3
+    out = _copy_stopped_at(ddp_run, tmp_path / "resumed", 3)
     train(TrainConfig(**_settings(micro, out_dir=str(out), resume=True)))
     _assert_same_run(out, ddp_run)
     final = json.loads((ddp_run / "eval.json").read_text())
@@ -186,9 +191,7 @@ def test_fsdp_equals_one_process_run(fsdp_run, single):
 @pytest.mark.slow
 def test_fsdp_checkpoint_resumes_on_fsdp(micro, fsdp_run, tmp_path):
     # the full checkpoint is scattered back into shards: bit for bit
-    resumed = tmp_path / "resumed"
-    shutil.copytree(fsdp_run, resumed)
-    shutil.copyfile(resumed / "checkpoints/step_000003.pt", resumed / "checkpoints/latest.pt")
+    resumed = _copy_stopped_at(fsdp_run, tmp_path / "resumed", 3)
     _launch(_settings(micro, out_dir=resumed, parallel="fsdp", resume=True))
     _assert_same_run(resumed, fsdp_run, rtol=0)
 
@@ -221,9 +224,7 @@ def _assert_resumes_from_step_4(micro, out, tmp_path, kw, parallel, rtol_two, rt
     """Copies of run ``out`` resumed from its step-4 checkpoint, on 2 processes under
     ``parallel`` and on 1, repeat its logged steps to these tolerances."""
     for name, launch in (("two", _launch), ("one", None)):
-        resumed = tmp_path / name
-        shutil.copytree(out, resumed)
-        shutil.copyfile(resumed / "checkpoints/step_000004.pt", resumed / "checkpoints/latest.pt")
+        resumed = _copy_stopped_at(out, tmp_path / name, 4)
         settings = _settings(micro, out_dir=resumed, resume=True, **kw)
         if launch is not None:
             launch(settings | {"parallel": parallel})
