@@ -27,7 +27,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from fp4train.distributed import init_from_env
+from fp4train.distributed import _all_gather_single, init_from_env
 from fp4train.model import get_config
 
 
@@ -41,8 +41,7 @@ def _quantizer(device: torch.device):
 
 def _gather(shard: torch.Tensor, world: int) -> torch.Tensor:
     out = shard.new_empty((world * shard.shape[0], *shard.shape[1:]))
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, shard.contiguous())
+    _all_gather_single(out, shard.contiguous(), None, False)
     return out
 
 
