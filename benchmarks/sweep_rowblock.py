@@ -1,13 +1,14 @@
-"""Sweep of the one-launch row quantization (``_quantize_rowblock_kernel``, X and W) over
-wide rows, where the row blocks in flight may not fit in L2.
+"""Sweep of the one-launch row quantization (``_quantize_rowblock_kernel``: X and W, both
+layouts) at the shapes of 1.3B and 7B layers, one change at a time, as a share of copy bandwidth
+(bytes read + written once); and of the tile of dY's quantize pass.
 
-The kernel walks each row block twice, the second time hoping to read from L2. Its program
-count is at least the SM count, so a block of BLOCK_M rows x K elements times 132 SMs can
-exceed the 50 MB L2 of an H100: W fp32 at K = 4096 (32 x 4096 x 4 B x 132 = 66 MB) and X bf16
-at K = 11008 (93 MB). ``bench quant`` measured W fp32 [4096, 4096] at 30% of copy against 49%
-for X bf16 [8192, 4096]. This sweep times smaller BLOCK_M (blocks that fit with one program per
-SM) and fewer programs than SMs, per shape, as a share of copy bandwidth (bytes read + written
-once). Usage: python benchmarks/sweep_rowblock.py
+What session 10 learned with it (benchmarks/NOTES.md has the tables): smaller row blocks and
+fewer programs are slower (the L2 does not overflow between the two walks); running the next
+block's amax walk inside this block's quantize walk does not help; software-pipelining the
+loads (cp.async stages) speeds the amax walk alone (to 68-82% of copy) but not the kernel:
+the quantize walk (L2 re-read, rounding, the row-major and the transposed FP8 store) takes
+60% of the time. 64-row blocks with 16 warps are 10% faster on bf16 X, slower on float32 W,
+hence the per-element-size configs. Usage: python benchmarks/sweep_rowblock.py
 """
 
 import torch
@@ -17,25 +18,34 @@ from fp4train.kernels import quantize as kq
 
 DEVICE = "cuda"
 SHAPES = [  # name, rows, K, dtype
-    ("X bf16", 8192, 2048, torch.bfloat16),
     ("X bf16", 8192, 4096, torch.bfloat16),
     ("X bf16", 8192, 11008, torch.bfloat16),
-    ("W fp32", 6144, 2048, torch.float32),
     ("W fp32", 4096, 4096, torch.float32),
-    ("W fp32", 11008, 4096, torch.float32),
     ("W fp32", 4096, 11008, torch.float32),
 ]
-
-
-def _programs_fit_only(n_blocks: int, block_bytes: int, device: torch.device) -> int:
-    """As many programs as keep the blocks in flight within L2_BYTES, even below the SM count."""
-    fit = kq.ROWBLOCK_CONFIG["L2_BYTES"] // max(block_bytes, 1)
-    return max(1, min(n_blocks, fit))
+KNOBS = [  # name, overrides of the element size's ROWBLOCK_CONFIG, stores
+    ("default", {}, "q+qt"),
+    ("amax walk alone (no stores)", {}, "none"),
+    ("q only", {}, "q"),
+    ("q_t only", {}, "qt"),
+    ("32x512 w8", dict(BLOCK_M=32, BLOCK_K=512, num_warps=8), "q+qt"),
+    ("64x512 w16", dict(BLOCK_M=64, BLOCK_K=512, num_warps=16), "q+qt"),
+    ("64x256 w8", dict(BLOCK_M=64, BLOCK_K=256, num_warps=8), "q+qt"),
+    ("16x512 w8", dict(BLOCK_M=16, BLOCK_K=512, num_warps=8), "q+qt"),
+    ("32x256 w4, 2/SM", dict(BLOCK_M=32, BLOCK_K=256, num_warps=4, PER_SM=2), "q+qt"),
+]
+DY_SHAPES = [(8192, 4096), (8192, 11008)]
+DY_KNOBS = [  # name, TILE_CONFIG of the quantize pass
+    ("32x128 w4", dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)),
+    ("64x64 w4", dict(BLOCK_M=64, BLOCK_K=64, num_warps=4)),
+    ("128x64 w4", dict(BLOCK_M=128, BLOCK_K=64, num_warps=4)),
+    ("128x32 w4", dict(BLOCK_M=128, BLOCK_K=32, num_warps=4)),
+]
 
 
 def sweep() -> list[dict]:
     rows = []
-    cfg0, programs0 = dict(kq.ROWBLOCK_CONFIG), kq._rowblock_programs
+    cfg0 = {es: dict(c) for es, c in kq.ROWBLOCK_CONFIG.items()}
     try:
         for name, m, k, dtype in SHAPES:
             # three inputs in turn, so no call finds its input in L2
@@ -44,32 +54,72 @@ def sweep() -> list[dict]:
             )
             x0 = x()
             es = x0.element_size()
-            nbytes = m * k * (es + 2)  # read once, q and q_t written once
             copy = _copy_gbps(m * k * es)  # GB/s of a device copy, bytes read + written
             want = kq.quantize_rows(x0, "e2m1", store_qt=True)
-            for block_m in (32, 16, 8):
-                for policy in ("max(SM, fit)", "fit only"):
-                    kq.ROWBLOCK_CONFIG.update(BLOCK_M=block_m)
-                    kq._rowblock_programs = (
-                        programs0 if policy != "fit only" else _programs_fit_only
-                    )
-                    got = kq.quantize_rows(x0, "e2m1", store_qt=True)
+            for knob, over, stores in KNOBS:
+                kq.ROWBLOCK_CONFIG[es] = dict(cfg0[es], **over)
+                sq, sqt = stores in ("q+qt", "q"), stores in ("q+qt", "qt")
+                nbytes = m * k * (es + sq + sqt)
+                try:
+                    got = kq.quantize_rows(x0, "e2m1", store_q=sq, store_qt=sqt)
+                    kept = [(a, b) for a, b, keep in zip(got[:3], want[:3], (sq, True, sqt),
+                                                         strict=True) if keep]  # fmt: skip
                     same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
                                if a.dtype != torch.float32 else torch.equal(a, b)
-                               for a, b in zip(got[:3], want[:3], strict=True))  # fmt: skip
-                    ms = _median_ms(lambda x=x: kq.quantize_rows(x(), "e2m1", store_qt=True))
-                    in_flight = block_m * k * es * kq._sm_count(x0.device)
-                    rows.append(dict(
-                        operand=f"{name} {m}x{k}", block_m=block_m, programs=policy,
-                        mib_in_flight_at_one_per_sm=in_flight / 2**20, ms=ms,
-                        pct_copy=100 * nbytes / ms / 1e6 / copy, same_bits=same,
-                    ))  # fmt: skip
+                               for a, b in kept)  # fmt: skip
+                    ms = _median_ms(
+                        lambda x=x, sq=sq, sqt=sqt: kq.quantize_rows(x(), "e2m1", store_q=sq,
+                                                                     store_qt=sqt)
+                    )  # fmt: skip
+                except Exception as e:  # a configuration this Triton rejects: say so, go on
+                    print(f"{knob}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    same, ms = False, float("nan")
+                rows.append(dict(
+                    operand=f"{name} {m}x{k}", knob=knob, ms=ms,
+                    pct_copy=100 * nbytes / ms / 1e6 / copy, same_bits=same,
+                ))  # fmt: skip
     finally:
-        kq.ROWBLOCK_CONFIG.clear()
         kq.ROWBLOCK_CONFIG.update(cfg0)
-        kq._rowblock_programs = programs0
+    return rows
+
+
+def sweep_dy() -> list[dict]:
+    """dY's three launches with each quantize-pass tile: both operands, as ``bench quant``."""
+    rows = []
+    cfg0 = dict(kq.TILE_CONFIG)
+    try:
+        for m, n in DY_SHAPES:
+            dy = _rotating(lambda m=m, n=n: torch.randn(m, n, device=DEVICE).bfloat16(), 3)
+            s_w = torch.rand(n, device=DEVICE) + 0.5
+            s_x = torch.rand(m, device=DEVICE) + 0.5
+            copy = _copy_gbps(m * n * 2)
+            dy0 = dy()
+            want = kq.quantize_rowwise_and_colwise(dy0, "e5m2", "e5m2", s_w, s_x)
+            for knob, over in DY_KNOBS:
+                kq.TILE_CONFIG.clear()
+                kq.TILE_CONFIG.update(over)
+                try:
+                    got = kq.quantize_rowwise_and_colwise(dy0, "e5m2", "e5m2", s_w, s_x)
+                    same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                               for a, b in zip(got, want, strict=True))  # fmt: skip
+                    ms = _median_ms(
+                        lambda dy=dy, s_w=s_w, s_x=s_x: kq.quantize_rowwise_and_colwise(
+                            dy(), "e5m2", "e5m2", s_w, s_x
+                        )
+                    )
+                except Exception as e:  # a configuration this Triton rejects: say so, go on
+                    print(f"{knob}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    same, ms = False, float("nan")
+                rows.append(dict(
+                    operand=f"dY bf16 {m}x{n}", tile=knob, ms=ms,
+                    pct_copy=100 * m * n * 4 / ms / 1e6 / copy, same_bits=same,
+                ))  # fmt: skip
+    finally:
+        kq.TILE_CONFIG.clear()
+        kq.TILE_CONFIG.update(cfg0)
     return rows
 
 
 if __name__ == "__main__":
     print(format_table(sweep()))
+    print(format_table(sweep_dy()))

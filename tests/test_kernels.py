@@ -19,6 +19,7 @@ import torch
 from conftest import assert_same_bits, wide_values
 
 CHECKS = [
+    "round_to_grid_every_format",
     "quantize_rows_e2m1",
     "quantize_rows_e4m3",
     "quantize_rows_e5m2",
@@ -85,6 +86,46 @@ def _check_rows(fmt, g, dtype=torch.bfloat16):
     want = ref.quantize_rows(x, fmt, store_q=True, store_qt=True)
     for name, a, b in zip(("q", "scale", "q_t"), got[:3], want[:3], strict=True):
         assert_same_bits(a, b, name)
+
+
+def check_round_to_grid_every_format(g):
+    """``_round_to_grid`` (nearest-even) against ``formats.round_to_format`` on random float32
+    bit patterns (every binade, Inf, NaN, subnormals), each grid point, the midpoints between
+    neighbours (the ties) and the floats either side of them, for the kernels' formats and
+    the optimizer's FP16 (e5m10)."""
+    import triton
+    import triton.language as tl
+
+    from fp4train import formats
+    from fp4train.kernels import quantize as kq
+
+    globals()["_round_to_grid"] = kq._round_to_grid  # a jit function resolves names as globals
+
+    @triton.jit
+    def round_kernel(u_ptr, o_ptr, n, MBITS: tl.constexpr, MIN_EXP: tl.constexpr,
+                     EMAX: tl.constexpr, FMAX: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        u = tl.load(u_ptr + i, mask=i < n, other=0.0)
+        q = _round_to_grid(u, MBITS, MIN_EXP, EMAX, FMAX)  # noqa: F821 (set in globals above)
+        tl.store(o_ptr + i, q, mask=i < n)
+
+    bits = torch.randint(-(2**31), 2**31, (20000,), generator=g, dtype=torch.int64)
+    random_bits = bits.to(torch.int32).view(torch.float32)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4e38, 1e-45])
+    for name in ("e2m1", "e4m3", "e5m2", "e5m10"):
+        f = formats.get(name)
+        dense = torch.linspace(0, 1.2 * f.max, 400_001)
+        grid = torch.unique(formats.round_to_format(dense, name))
+        ties = (grid[1:] + grid[:-1]) / 2  # exact: neighbours differ by one step
+        u = torch.cat([random_bits, specials, grid, ties, ties.nextafter(torch.tensor(0.0)),
+                       ties.nextafter(torch.tensor(float("inf"))), torch.randn(20000, generator=g)
+                       * f.max / 3])  # fmt: skip
+        u = torch.cat([u, -u])
+        out = torch.empty_like(u).fill_(float("nan"))
+        round_kernel[(triton.cdiv(u.numel(), 1024),)](u, out, u.numel(), **kq.grid_constants(name),
+                                                      BLOCK=1024)  # fmt: skip
+        want = formats.round_to_format(u, name)  # NaN payloads kept: compare the bits
+        assert_same_bits(out.view(torch.int32), want.view(torch.int32), f"{name} rounding")
 
 
 def check_quantize_rows_e2m1(g):

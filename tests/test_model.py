@@ -772,16 +772,22 @@ def test_cuda_compile_matches_eager():
 @pytest.mark.parametrize("recipe", ["fp4-dge", "fp4-paper"])
 def test_cuda_compile_blocks_with_fp4_matches_eager(recipe):
     """Each block compiled (the traced quantizers fused by Inductor) vs the eager triton path:
-    Inductor skips some bf16 roundings between fused ops, which moves a few FP4 grid values,
-    so the comparison is by loss and gradient direction."""
+    Inductor skips some bf16 roundings between fused ops, which moves a few FP4 grid values
+    (and, with OCC, a few elements across the clamp threshold), so the comparison is by loss
+    and gradient direction, against the recipe's own distance from BF16: compiling must move
+    the gradient by less than a fifth of what FP4 quantization moves it."""
     import torch._dynamo
 
     from fp4train.model import compile_blocks
 
     torch._dynamo.reset()
     model = _cuda_model()
-    convert(model, Recipe.preset(recipe).replace(backend="triton"))
     idx = torch.randint(0, 1024, (4, 256), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(idx, idx).backward()
+    g_bf16 = _grads(model)
+    model.zero_grad()
+    convert(model, Recipe.preset(recipe).replace(backend="triton"))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = model(idx, idx)
     eager.backward()
@@ -792,8 +798,9 @@ def test_cuda_compile_blocks_with_fp4_matches_eager(recipe):
         fast = model(idx, idx)
     fast.backward()
     assert abs(fast.item() - eager.item()) < 1e-2 * eager.item()
-    cos = F.cosine_similarity(_grads(model), g_eager, dim=0).item()
-    assert cos > 0.99, cos
+    gap_compile = 1 - F.cosine_similarity(_grads(model), g_eager, dim=0).item()
+    gap_fp4 = 1 - F.cosine_similarity(g_eager, g_bf16, dim=0).item()
+    assert gap_compile < 0.2 * gap_fp4, (gap_compile, gap_fp4)
 
 
 @pytest.mark.gpu

@@ -147,26 +147,32 @@ def _round_to_grid(
     """Round float32 ``u`` to nearest-even on the grid, saturating at ±FMAX (NaN stays NaN);
     with ``STOCHASTIC``, up with probability frac (``noise`` uniform in [0, 1), u's shape).
 
-    The same arithmetic as ``fp4train.formats.round_to_format``: the grid step in u's binade
-    (binades below the smallest normal share its step) is 2**(e - MBITS); u / step is exact and
-    below 2**(MBITS + 1), so adding and subtracting 2**23 rounds it to nearest-even.
+    The numbers of ``fp4train.formats.round_to_format``: the grid step in u's binade e
+    (binades below the smallest normal share its step) is 2**(e - MBITS).
     """
     bits = u.to(tl.int32, bitcast=True)
     mag_bits = bits & 0x7FFFFFFF
     mag = mag_bits.to(tl.float32, bitcast=True)
-    e = (mag_bits >> 23) - 127
-    # binades above EMAX + 1 saturate like EMAX + 1, which keeps the step's exponent in range
-    e = tl.minimum(tl.maximum(e, MIN_EXP), EMAX + 1)
-    inv_step = ((127 + MBITS - e) << 23).to(tl.float32, bitcast=True)
-    step = ((127 - MBITS + e) << 23).to(tl.float32, bitcast=True)
-    y = mag * inv_step
     if STOCHASTIC:
+        e = (mag_bits >> 23) - 127
+        # binades above EMAX + 1 saturate like EMAX + 1: keeps the step's exponent in range
+        e = tl.minimum(tl.maximum(e, MIN_EXP), EMAX + 1)
+        inv_step = ((127 + MBITS - e) << 23).to(tl.float32, bitcast=True)
+        step = ((127 - MBITS + e) << 23).to(tl.float32, bitcast=True)
+        y = mag * inv_step
         # up with probability frac(y), as ``round_to_format(..., "stochastic")``: unbiased
         f = tl.floor(y)
         y = tl.where(noise < y - f, f + 1.0, f)
+        q = tl.minimum(y * step, FMAX)
     else:
-        y = (y + 8388608.0) - 8388608.0
-    q = tl.minimum(y * step, FMAX)
+        # c = 2**(e + 23 - MBITS) for mag's binade e (floored at MIN_EXP, capped at EMAX + 1):
+        # the ulp of mag + c is the grid step, so the float32 addition rounds mag to the grid,
+        # to nearest-even, and subtracting c is exact. (Half the instructions of scaling by
+        # the step; checked against round_to_format on every format in the tests.)
+        eb = tl.minimum(tl.maximum(mag_bits & 0x7F800000, (MIN_EXP + 127) << 23),
+                        (EMAX + 128) << 23)  # fmt: skip
+        c = (eb + ((23 - MBITS) << 23)).to(tl.float32, bitcast=True)
+        q = tl.minimum((mag + c) - c, FMAX)
     out = (q.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(u != u, u, out)
 
@@ -200,13 +206,19 @@ def _load_operand(
 
 
 @triton.jit
-def _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP_PER_ROW: tl.constexpr):
-    if CLAMP_PER_ROW:
-        lo = tl.load(lo_ptr + rows, mask=rows < M, other=0.0)[:, None]
-        hi = tl.load(hi_ptr + rows, mask=rows < M, other=0.0)[:, None]
-    else:
-        lo = tl.load(lo_ptr)
-        hi = tl.load(hi_ptr)
+def _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP: tl.constexpr,
+                  CLAMP_PER_ROW: tl.constexpr):  # fmt: skip
+    """OCC's clamp bounds for ``rows``: one pair, or one per row ([BLOCK_M, 1]); 0 unless
+    ``CLAMP``."""
+    lo = 0.0
+    hi = 0.0
+    if CLAMP:
+        if CLAMP_PER_ROW:
+            lo = tl.load(lo_ptr + rows, mask=rows < M, other=0.0)[:, None]
+            hi = tl.load(hi_ptr + rows, mask=rows < M, other=0.0)[:, None]
+        else:
+            lo = tl.load(lo_ptr)
+            hi = tl.load(hi_ptr)
     return lo, hi
 
 
@@ -363,6 +375,25 @@ def _quantize_tile_kernel(
 
 
 @triton.jit
+def _rows_absmax_scale(
+    x_ptr, stride_xm, rows, M, K, colmul_ptr, lo, hi, FMAX: tl.constexpr,
+    HAS_COLMUL: tl.constexpr, CLAMP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The absmax scale of each row of v (rows beyond M: 1) and its reciprocal."""
+    # elementwise max across the loop, one reduction after it (a reduction inside a dynamic
+    # loop crashes Triton 3.6's thread-locality pass)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x, v = _load_operand(
+            x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL, CLAMP
+        )
+        acc = tl.maximum(acc, tl.abs(v))
+    s = _absmax_scale(tl.max(acc, axis=1), FMAX)
+    return s, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+
+
+@triton.jit
 def _quantize_rowblock_kernel(
     x_ptr,  # [M, K], unit stride along K
     stride_xm,
@@ -391,28 +422,15 @@ def _quantize_rowblock_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Persistent: each program takes row blocks pid, pid + P, ... and walks each twice, the
-    amax pass from memory and the quantize pass from L2 (the grid keeps the row blocks in
-    flight smaller than L2). One launch, no partials, no second read from memory."""
+    amax walk from memory and the quantize walk from L2. One launch, no partials."""
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     n_blocks = tl.cdiv(Mp, BLOCK_M)
     for blk in range(pid, n_blocks, n_progs):
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        lo = 0.0
-        hi = 0.0
-        if CLAMP:
-            lo, hi = _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP_PER_ROW)
-        # elementwise max across the loop, one reduction after it (a reduction inside a
-        # dynamic loop crashes Triton 3.6's thread-locality pass)
-        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x, v = _load_operand(
-                x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL, CLAMP
-            )
-            acc = tl.maximum(acc, tl.abs(v))
-        s = _absmax_scale(tl.max(acc, axis=1), FMAX)
-        r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+        lo, hi = _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP, CLAMP_PER_ROW)
+        s, r = _rows_absmax_scale(x_ptr, stride_xm, rows, M, K, colmul_ptr, lo, hi, FMAX,
+                                  HAS_COLMUL, CLAMP, BLOCK_M, BLOCK_K)  # fmt: skip
         tl.store(s_ptr + rows, s, mask=rows < Mp)
         s = s[:, None]
         r = r[:, None]
@@ -443,9 +461,13 @@ def _quantize_rowblock_kernel(
 # the H200 choice 128x256/32x128 w8 + 64x64 w4); the interpreter ignores warps
 AMAX_CONFIG = dict(BLOCK_M=64, BLOCK_K=256, SUB_M=16, SUB_K=256, num_warps=4)
 TILE_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
-# row-only quantization (X, W): the persistent row-block kernel. Programs: at least one per SM,
-# more while the row blocks in flight fit in L2_BYTES (so the second walk reads from L2)
-ROWBLOCK_CONFIG = dict(BLOCK_M=32, BLOCK_K=512, num_warps=8, L2_BYTES=32 << 20)
+# row-only quantization (X, W): the persistent row-block kernel, PER_SM programs per SM, by
+# the input's element size (benchmarks/sweep_rowblock.py, H100: 64-row blocks and 16 warps are
+# 10% faster than the float32 choice on bf16 X, 22% slower on float32 W)
+ROWBLOCK_CONFIG = {
+    2: dict(BLOCK_M=64, BLOCK_K=512, num_warps=16, PER_SM=1),
+    4: dict(BLOCK_M=32, BLOCK_K=512, num_warps=8, PER_SM=1),
+}
 
 
 @functools.cache
@@ -453,11 +475,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _rowblock_programs(n_blocks: int, block_bytes: int, device: torch.device) -> int:
+def _rowblock_programs(n_blocks: int, per_sm: int, device: torch.device) -> int:
     if device.type != "cuda":  # the interpreter: two programs, so each walks several blocks
         return min(n_blocks, 2)
-    fit = ROWBLOCK_CONFIG["L2_BYTES"] // max(block_bytes, 1)
-    return max(1, min(n_blocks, max(_sm_count(device), fit)))
+    return max(1, min(n_blocks, per_sm * _sm_count(device)))
 
 
 def _check_2d(x: torch.Tensor, name: str) -> None:
@@ -535,9 +556,8 @@ def _quantize(
         s_row = empty_output(mp if row_fmt is not None else 0, torch.float32, dev)
         resid = empty_output((m, k) if clamp else (0,), torch.bfloat16, dev)
         if m and k and row_fmt is not None:
-            cfg = {key: v for key, v in ROWBLOCK_CONFIG.items() if key != "L2_BYTES"}
-            n_blocks = triton.cdiv(mp, cfg["BLOCK_M"])
-            progs = _rowblock_programs(n_blocks, cfg["BLOCK_M"] * k * x.element_size(), dev)
+            cfg = dict(ROWBLOCK_CONFIG[min(x.element_size(), 4)])
+            progs = _rowblock_programs(triton.cdiv(mp, cfg["BLOCK_M"]), cfg.pop("PER_SM"), dev)
             dummy = s_row
             _quantize_rowblock_kernel[(progs,)](
                 x, x.stride(0), col_scale if col_scale is not None else dummy,
