@@ -4,23 +4,24 @@ The numbers are those of :func:`fp4train.quantize.quantize` bit for bit: the sca
 ``max(amax / fmt.max, 2**-126)`` (1 for an all-zero vector) in float32, each value is divided by
 it with correctly rounded division (see below; Triton's ``/`` may be approximate) and rounded
 to nearest-even (or stochastically, with Philox noise from a seed) on the format grid by
-explicit float32 arithmetic, saturating at ±max. Only
+explicit float32 arithmetic (``_round_to_grid``), saturating at ±max. Only
 then is it cast to float8, which is exact: every E2M1 and E4M3 value is an ``float8_e4m3fn``
 value, every E5M2 value a ``float8_e5m2`` value. So the GPU and the Triton interpreter give the
 same bits, whatever the hardware cast's rounding. (They match the reference run on the CPU: on
 CUDA, torch computes ``amax / fmt.max`` as ``amax * (1 / fmt.max)``, an ulp off in about half
 of the scales.)
 
-A row-wise-only quantization (X, W: ``quantize_rows`` without OCC's clamp) is one launch of
-``_quantize_rowblock_kernel``: a persistent program per SM (more while their row blocks fit in
-L2) walks each block of rows twice, computing the row amax and scale from memory, then
-quantizing from L2 into both layouts (measured on an H100: 49% of copy bandwidth for a bf16
-X and a float32 W, against 46% and 19% for the three launches below, and a third of the
-launch cost). The others (dY's two operands, OCC's clamp) take three launches over x [M, K]:
+A row-wise-only quantization (X, W: ``quantize_rows``, with or without OCC's clamp) is one launch of
+``_quantize_rowblock_kernel``: a persistent program per SM walks each block of rows twice,
+computing the row amax and scale from memory, then quantizing from L2 into both layouts
+(measured on an H100: 55% of copy bandwidth for a bf16 X and 50% for a float32 W, against 46%
+and 19% for the three launches below; the amax walk alone runs at 65-75%, the quantize walk
+with its two FP8 stores, one transposed, takes the other 60% of the time:
+benchmarks/sweep_rowblock.py). dY's two operands take three launches over x [M, K]:
 
 1. ``_amax_partials_kernel`` reads x once, tile by tile, and writes partial amaxes: per row of
-   ``v = clamp(x * col_scale, lo, hi)`` (the row-wise operand) and per column of
-   ``x * row_scale`` (the column-wise operand) or of the clamped-off residual ``|x − v|``.
+   ``v = x * col_scale`` (the row-wise operand) and per column of
+   ``x * row_scale`` (the column-wise operand).
 2. ``_scales_kernel`` reduces the partials to the scales s = absmax_scale(amax) and their
    reciprocals 1/s (a few KB).
 3. ``_quantize_tile_kernel`` reads x again and writes, from the same tile, the row-scaled q
