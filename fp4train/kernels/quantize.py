@@ -464,11 +464,18 @@ AMAX_CONFIG = dict(BLOCK_M=64, BLOCK_K=256, SUB_M=16, SUB_K=256, num_warps=4)
 TILE_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
 # row-only quantization (X, W): the persistent row-block kernel, PER_SM programs per SM, by
 # the input's element size (benchmarks/sweep_rowblock.py, H100: 64-row blocks and 16 warps are
-# 10% faster than the float32 choice on bf16 X, 22% slower on float32 W)
+# 10% faster than the float32 choice on bf16 X, 22% slower on float32 W); with OCC's clamp
+# ("clamp") the 64-row tile spills registers (tests/test_sm90_compile.py), the 32-row one not
 ROWBLOCK_CONFIG = {
     2: dict(BLOCK_M=64, BLOCK_K=512, num_warps=16, PER_SM=1),
     4: dict(BLOCK_M=32, BLOCK_K=512, num_warps=8, PER_SM=1),
+    "clamp": dict(BLOCK_M=32, BLOCK_K=512, num_warps=8, PER_SM=1),
 }
+
+
+def rowblock_config(element_size: int, clamp: bool) -> dict:
+    """The row-block kernel's launch configuration for an input of ``element_size`` bytes."""
+    return dict(ROWBLOCK_CONFIG["clamp" if clamp else min(element_size, 4)])
 
 
 @functools.cache
@@ -557,7 +564,7 @@ def _quantize(
         s_row = empty_output(mp if row_fmt is not None else 0, torch.float32, dev)
         resid = empty_output((m, k) if clamp else (0,), torch.bfloat16, dev)
         if m and k and row_fmt is not None:
-            cfg = dict(ROWBLOCK_CONFIG[min(x.element_size(), 4)])
+            cfg = rowblock_config(x.element_size(), clamp)
             progs = _rowblock_programs(triton.cdiv(mp, cfg["BLOCK_M"]), cfg.pop("PER_SM"), dev)
             dummy = s_row
             _quantize_rowblock_kernel[(progs,)](
