@@ -107,14 +107,15 @@ def bench_linear(
 ) -> list[dict]:
     """FP4Linear fwd+bwd time per (shape, recipe) vs bf16 ``nn.Linear``, in one run.
 
-    ``recipes`` are preset names, optionally with ``+chan`` (activations with outlier
-    channels instead of Gaussian). Returns one row per (shape, recipe) with ms, TFLOP/s
-    (6·M·K·N per fwd+bwd) and speed-up over bf16. ``cuda_graph`` adds ``graph_ms`` and
+    ``recipes`` are preset names, optionally with ``[key=value,...]`` overrides and ``+chan``
+    (activations with outlier channels instead of Gaussian), e.g.
+    ``"fp4-paper[occ.compensation=columns]+chan"``. Returns one row per (shape, recipe) with
+    ms, TFLOP/s (6·M·K·N per fwd+bwd) and speed-up over bf16. ``cuda_graph`` adds ``graph_ms`` and
     ``graph_speedup``: the same fwd+bwd replayed from a CUDA graph (bf16 too), i.e. the GPU
     time without Python and launch overhead (NaN where capture fails).
     """
     from fp4train.linear import FP4Linear
-    from fp4train.recipe import Recipe
+    from fp4train.train import parse_recipe
 
     _require_cuda()
     rows = []
@@ -133,7 +134,7 @@ def bench_linear(
             if name == "bf16":
                 layer = base
             else:
-                recipe = Recipe.preset(name).replace(backend="triton")
+                recipe = parse_recipe(name).replace(backend="triton")
                 layer = FP4Linear(k, n, bias=False, device="cuda", recipe=recipe)
                 with torch.no_grad():
                     layer.weight.copy_(base.weight.float())
@@ -240,17 +241,19 @@ def profile_linear(
     k: int = 4096, n: int = 4096, m: int = 8192, recipe: str = "fp4-dge"
 ) -> list[dict]:
     """Time of each kernel of one FP4Linear fwd+bwd (triton backend), run one by one, and the
-    host (Python + launch) time of a whole fwd+bwd on a tiny layer, where the GPU idles."""
+    host (Python + launch) time of a whole fwd+bwd on a tiny layer, where the GPU idles.
+    ``recipe``: a spec as for :func:`bench_linear` (overrides, ``+chan``)."""
     from fp4train.kernels import dge as kdge
     from fp4train.kernels import linear as klin
     from fp4train.kernels import occ as kocc
     from fp4train.kernels import quantize as kq
-    from fp4train.recipe import Recipe
+    from fp4train.train import parse_recipe
 
     _require_cuda()
-    r = Recipe.preset(recipe)
+    name, dist = _split_recipe(recipe)
+    r = parse_recipe(name)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = _activations(m, k, "gaussian", gen)
+    x = _activations(m, k, dist, gen)
     w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
     dy = torch.randn(m, n, device="cuda", generator=gen).to(torch.bfloat16)
     fx, fw = r.fwd_x.format, r.fwd_w.format
@@ -273,7 +276,19 @@ def profile_linear(
         ("quantize W (both layouts)", lambda: kq.quantize_rows(w, fw, store_qt=True)),
         ("fwd GEMM (_scaled_mm)", lambda: klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)),
     ]  # fmt: skip
-    if r.occ is not None and r.occ.compensate:
+    if r.occ is not None and r.occ.compensate and r.occ.compensation == "columns":
+        y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
+        order, cnt = kocc.outlier_columns(resid)
+        r_c = kocc.gather_columns(resid, order, cnt)
+        steps += [
+            ("OCC outlier columns + pack R",
+             lambda: kocc.gather_columns(resid, *kocc.outlier_columns(resid))),
+            (f"OCC fwd compensation ({int(cnt)}/{k} columns)",
+             lambda: kocc.occ_compensate_columns(y, r_c, w, order, cnt)),
+            ("OCC wgrad compensation (columns)",
+             lambda: kocc.occ_compensate_columns_wgrad(dw32, dy, r_c, order, cnt)),
+        ]  # fmt: skip
+    elif r.occ is not None and r.occ.compensate:
         y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
         steps += [
             (f"OCC fwd compensation ({int((resid != 0).sum()) / resid.numel():.2%} nonzero)",
@@ -294,9 +309,9 @@ def profile_linear(
     for r_ in rows:
         r_["pct"] = 100 * r_["ms"] / total
     rows.append(dict(step="sum of the kernels", ms=total, pct=100.0))
-    for name in ("bf16", recipe):
-        rows.append(dict(step=f"host time of a fwd+bwd, {name}, 64x256x256 layer",
-                         ms=_host_ms(name), pct=float("nan")))  # fmt: skip
+    for spec in ("bf16", name):
+        rows.append(dict(step=f"host time of a fwd+bwd, {spec}, 64x256x256 layer",
+                         ms=_host_ms(spec), pct=float("nan")))  # fmt: skip
     return rows
 
 
@@ -304,13 +319,13 @@ def _tiny_fwd_bwd(recipe: str) -> Callable[[], object]:
     """fwd+bwd of a 64x256x256 layer (bf16 ``nn.Linear`` or FP4Linear on the triton path),
     warmed up: its wall time is Python and launch overhead, not GPU work."""
     from fp4train.linear import FP4Linear
-    from fp4train.recipe import Recipe
+    from fp4train.train import parse_recipe
 
     _require_cuda()
     if recipe == "bf16":
         layer = nn.Linear(256, 256, bias=False, device="cuda", dtype=torch.bfloat16)
     else:
-        rec = Recipe.preset(recipe).replace(backend="triton")
+        rec = parse_recipe(recipe).replace(backend="triton")
         layer = FP4Linear(256, 256, bias=False, device="cuda", recipe=rec)
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
@@ -607,8 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipes",
         nargs="+",
         default=None,
-        help="recipes to time: presets, or for step and memory also preset[key=value,...] "
-        "(+chan: activations with outlier channels, linear)",
+        help="recipes to time: presets or preset[key=value,...], e.g. "
+        "'fp4-paper[occ.compensation=columns]' (+chan: activations with outlier channels, "
+        "for linear and profile)",
     )
     p.add_argument(
         "--models", nargs="+", default=None, help="for step (125m 1.3b) and memory (1.3b)"
@@ -658,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             out.append(
                 _header(f"FP4Linear {recipe_name(r)} fwd+bwd by kernel, {args.tokens}x{k}x{n}")
                 + "\n"
-                + format_table(profile_linear(k, n, args.tokens, recipe_name(r)))
+                + format_table(profile_linear(k, n, args.tokens, r))
             )
     if args.what == "host":
         for r in args.recipes or ("fp4-dge",):

@@ -106,6 +106,11 @@ class OCCConfig:
     alpha: float = 0.99
     granularity: str = "tensor"  # "tensor" (the paper's equation) or "row" (its released code)
     compensate: bool = True  # add R·Wᵀ back in high precision
+    # how the triton backend computes the compensation products (the same numbers up to the
+    # order of the sums; the reference backend ignores it): "dense" bf16 GEMMs over all K
+    # columns, or "columns": only over the columns holding an outlier (fp4train.kernels.occ),
+    # cheaper when the outliers sit in a few channels, as in LLM activations
+    compensation: str = "dense"
 
 
 def _e(fmt: str | None, gran: str = "row", **kw) -> OperandSpec:
@@ -356,6 +361,8 @@ def _validate(r: Recipe) -> None:
             raise bad("occ.granularity", r.occ.granularity, ("tensor", "row"))
         if not isinstance(r.occ.compensate, bool):
             raise bad("occ.compensate", r.occ.compensate, (True, False))
+        if r.occ.compensation not in ("dense", "columns"):
+            raise bad("occ.compensation", r.occ.compensation, ("dense", "columns"))
         if not r.fwd_x.quantized:
             raise ValueError("recipe field 'occ' needs a quantized activation (fwd_x.format)")
     if r.backend not in _BACKENDS:

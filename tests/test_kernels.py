@@ -30,6 +30,7 @@ CHECKS = [
     "occ_thresholds_sampled",
     "clamp_and_residual",
     "dge_weight_grad",
+    "occ_column_compensation",
     "linear_matches_reference",
     "linear_act_save_requantizes_w",
     "compiled_model_matches_eager",
@@ -239,6 +240,58 @@ def check_dge_weight_grad(g):
         raise AssertionError(f"max relative error {err:.2e}")
 
 
+def check_occ_column_compensation(g):
+    """OCC's column compensation (kernels.occ): the outlier columns found and packed bit for
+    bit, and the two products within their roundings of float64 sums, for residuals with
+    outliers in a few channels, in every column, and in none."""
+    from fp4train.kernels import occ as kocc
+    from fp4train.kernels import quantize as kq
+
+    m, k, n = 50, 96, 80
+    w = torch.randn(n, k, generator=g) * 0.05
+    dy = torch.randn(m, n, generator=g).bfloat16()
+    y = torch.randn(m, n, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g)
+    x[:, [3, 40, 41]] *= 30  # outlier channels
+    x = x.bfloat16()
+    for case, lo, hi in (("3 channels", -8.0, 8.0), ("every column", -0.5, 0.5),
+                         ("none", -1e4, 1e4)):  # fmt: skip
+        _, _, _, resid = kq.quantize_rows(x, "e2m1", lo=torch.tensor([lo]), hi=torch.tensor([hi]))
+        order, cnt = kocc.outlier_columns(resid)
+        cols = resid.ne(0).any(0).nonzero().flatten()
+        c = int(cnt)
+        if c != cols.numel() or not torch.equal(order[:c].long(), cols):
+            raise AssertionError(f"{case}: outlier columns {order[:c].tolist()} vs {cols.tolist()}")
+        r_c = kocc.gather_columns(resid, order, cnt)
+        want = torch.zeros(m, k, dtype=torch.bfloat16)
+        want[:, :c] = resid[:, cols]
+        assert_same_bits(r_c, want, f"{case}: packed R")
+        w_c = kocc.gather_columns(w, order, cnt)
+        want = torch.zeros(n, k, dtype=torch.bfloat16)
+        want[:, :c] = w[:, cols].bfloat16()
+        assert_same_bits(w_c, want, f"{case}: packed W")
+        # forward: y + R·W_bf16ᵀ, float32 sums, one rounding to bf16: within one bf16 ulp
+        got = kocc.occ_compensate_columns(y, r_c, w, order, cnt)
+        exact = y.double() + resid.double() @ w.bfloat16().double().t()
+        ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-120))) - 7)
+        bad = int(((got.double() - exact).abs() > ulp).sum())
+        if bad:
+            raise AssertionError(f"{case}: {bad} forward outputs off by more than one bf16 ulp")
+        # wgrad: dW[:, cols] += dYᵀ·R[:, cols] in float32; the other columns untouched
+        dw0 = torch.randn(n, k, generator=g)
+        got = kocc.occ_compensate_columns_wgrad(dw0.clone(), dy, r_c, order, cnt)
+        exact = dw0.double() + dy.double().t() @ resid.double()
+        # float32 sums of m terms, then one addition: the standard bound (m + 1)·2**-24·Σ|terms|
+        bound = (m + 1) * 2.0**-24 * (dw0.double().abs() + dy.double().abs().t()
+                                      @ resid.double().abs())  # fmt: skip
+        bad = int(((got.double() - exact).abs() > bound).sum())
+        if bad:
+            raise AssertionError(f"{case}: {bad} wgrad entries beyond float32's summation bound")
+        rest = torch.ones(k, dtype=torch.bool)
+        rest[cols] = False
+        assert_same_bits(got[:, rest], dw0[:, rest], f"{case}: dW off the outlier columns")
+
+
 def check_linear_matches_reference(g):
     from fp4train import kernels
     from fp4train.linear import reference_backward, reference_forward
@@ -253,8 +306,10 @@ def check_linear_matches_reference(g):
     for recipe in [Recipe.preset(n) for n in ("fp8", "fp4-direct", "fp4-dge")] + [
         paper,
         paper.replace(act_save="e4m3"),  # R kept in E4M3 for wgrad
+        paper.replace(**{"occ.compensation": "columns"}),  # over the 2 outlier columns
+        paper.replace(**{"occ.compensation": "columns"}, act_save="e4m3"),
     ]:
-        name = f"{recipe.name} act_save={recipe.act_save}"
+        name = f"{recipe.name} act_save={recipe.act_save} {recipe.occ}"
         y, saved = kernels.linear_forward(x, w, recipe)
         dx, dw = kernels.linear_backward(saved, dy, w, recipe, True, True)
         y_r, saved_r = reference_forward(x, w, recipe)
@@ -311,9 +366,11 @@ def check_compiled_model_matches_eager(g):
     use_triton = lin._use_triton
     lin._use_triton = lambda x, layer: True  # CPU tensors: the interpreter runs the kernels
     try:
-        for name in ("fp4-dge", "fp4-paper"):
+        columns = Recipe.preset("fp4-paper").replace(**{"occ.compensation": "columns"})
+        for name, recipe in [(n, Recipe.preset(n)) for n in ("fp4-dge", "fp4-paper")] + [
+            ("fp4-paper, column compensation", columns)
+        ]:
             torch._dynamo.reset()
-            recipe = Recipe.preset(name)
             model = nn.Sequential(
                 FP4Linear(64, 128, bias=False, recipe=recipe),
                 FP4Linear(128, 64, bias=False, recipe=recipe),

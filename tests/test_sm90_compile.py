@@ -32,13 +32,14 @@ if not os.path.exists(_CUOBJDUMP):
     pytest.skip("Triton's NVIDIA backend (ptxas, cuobjdump) is not installed",
                 allow_module_level=True)  # fmt: skip
 
+from fp4train.kernels import occ as kocc  # noqa: E402
 from fp4train.kernels import quantize as kq  # noqa: E402
 
 
 def _compile_sm90(fn, sig: dict, constexprs: dict, num_warps: int) -> dict:
     """Compile ``fn`` for sm_90; returns ptxas's resource usage (REG, STACK, ...)."""
     sig = dict(sig, **{k: "constexpr" for k in constexprs})
-    unaligned = ("M", "seed", "n_kt")  # the only runtime ints not specialized as % 16
+    unaligned = ("M", "seed", "n_kt", "R")  # runtime ints not specialized as % 16
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
              for k, v in sig.items() if v != "constexpr" and k not in unaligned}  # fmt: skip
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
@@ -85,6 +86,26 @@ def _amax_case():
     return kq._amax_partials_kernel, sig, dict(HAS_COLMUL=True, ROW_AMAX=True, **cfg), warps
 
 
+def _gather_case(dtype: str):
+    sig = dict(src_ptr=f"*{dtype}", stride_s="i32", order_ptr="*i32", n_ptr="*i32",
+               dst_ptr="*bf16", R="i32", K="i32")  # fmt: skip
+    return kocc._gather_columns_kernel, sig, dict(BLOCK_R=32, BLOCK_C=128), 4
+
+
+def _compensate_case():
+    sig = dict(y_ptr="*bf16", stride_y="i32", r_ptr="*bf16", w_ptr="*bf16", n_ptr="*i32",
+               out_ptr="*bf16", M="i32", N="i32", K="i32")  # fmt: skip
+    ce = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, UPCAST=False)
+    return kocc._compensate_columns_kernel, sig, ce, 8
+
+
+def _compensate_wgrad_case():
+    sig = dict(dw_ptr="*fp32", dy_ptr="*bf16", r_ptr="*bf16", order_ptr="*i32", n_ptr="*i32",
+               M="i32", N="i32", K="i32")  # fmt: skip
+    ce = dict(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, UPCAST=False)
+    return kocc._compensate_columns_wgrad_kernel, sig, ce, 8
+
+
 CASES = {
     "rowblock bf16 e2m1": lambda: _rowblock_case("bf16", False, "e2m1"),
     "rowblock bf16 e2m1 OCC clamp": lambda: _rowblock_case("bf16", True, "e2m1"),
@@ -92,6 +113,10 @@ CASES = {
     "rowblock bf16 e4m3": lambda: _rowblock_case("bf16", False, "e4m3"),
     "dY quantize tile": _tile_case,
     "dY amax partials": _amax_case,
+    "OCC gather columns bf16": lambda: _gather_case("bf16"),
+    "OCC gather columns fp32": lambda: _gather_case("fp32"),
+    "OCC column compensation": _compensate_case,
+    "OCC column compensation wgrad": _compensate_wgrad_case,
 }
 
 

@@ -18,10 +18,11 @@ rows.
 
 The wgrad GEMM writes the float32 master gradient directly; DGE then scales it in one pass.
 With OCC, the X quantize pass also writes the dense bf16 residual R, and the compensation
-products are bf16 GEMMs (``fp4train.kernels.occ``); nothing syncs with the host. Backward
-keeps R for wgrad's term: in bf16, or with ``act_save="e4m3"`` in E4M3 with a float32 scale
-per row (half the bytes; R is as large as X), and W's FP8 copy is not kept: backward
-quantizes the master weight again (the same bits; one more read of W).
+products are bf16 GEMMs (``fp4train.kernels.occ``), over all columns or, with
+``occ.compensation="columns"``, over the columns holding an outlier; nothing syncs with the
+host. Backward keeps R for wgrad's term: in bf16, or with ``act_save="e4m3"`` in E4M3 with a
+float32 scale per row (half the bytes; R is as large as X), and W's FP8 copy is not kept:
+backward quantizes the master weight again (the same bits; one more read of W).
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ import torch
 
 from fp4train.kernels import traced
 from fp4train.kernels.dge import dge_weight_grad
-from fp4train.kernels.occ import occ_compensate, occ_compensate_wgrad, occ_thresholds
+from fp4train.kernels.occ import (
+    gather_columns,
+    occ_compensate,
+    occ_compensate_columns,
+    occ_compensate_columns_wgrad,
+    occ_compensate_wgrad,
+    occ_thresholds,
+    outlier_columns,
+)
 from fp4train.kernels.quantize import custom_op, quantize_rows, quantize_rowwise_and_colwise
 from fp4train.recipe import Recipe
 
@@ -190,15 +199,20 @@ def linear_forward(
     )  # fmt: skip
     # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
     y = scaled_mm_rowwise(q_x, q_w, s_x, s_w)[:m]
-    r = s_r = None
+    r = s_r = order = n_cols = None
     if occ is not None and occ.compensate:
-        r = resid  # Y += R·Wᵀ, a dense bf16 GEMM with float32 accumulation
-        y = occ_compensate(y, r, weight)
+        if occ.compensation == "columns":  # R packed to its outlier columns, first n of order
+            order, n_cols = outlier_columns(resid)
+            r = gather_columns(resid, order, n_cols)
+            y = occ_compensate_columns(y, r, weight, order, n_cols)
+        else:
+            r = resid  # Y += R·Wᵀ, a dense bf16 GEMM with float32 accumulation
+            y = occ_compensate(y, r, weight)
         if recipe.act_save == "e4m3":  # wgrad's copy of R in FP8, one scale per row
-            r, s_r, _, _ = _quantize_rows(resid, "e4m3", store_q=True)
+            r, s_r, _, _ = _quantize_rows(r, "e4m3", store_q=True)
     if not keep_w:
         q_w_t = None  # backward quantizes W again: the same bits, 1 byte per weight less held
-    return y, (q_x_t, s_x, q_w_t, s_w, r, s_r)
+    return y, (q_x_t, s_x, q_w_t, s_w, r, s_r, order, n_cols)
 
 
 def _requantize_w(recipe: Recipe) -> bool:
@@ -216,7 +230,7 @@ def linear_backward(
     need_dw: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dgrad and wgrad from :func:`linear_forward`'s ``saved``: (dx [M, K] bf16, dw [N, K] f32)."""
-    q_x_t, s_x, q_w_t, s_w, r, s_r = saved
+    q_x_t, s_x, q_w_t, s_w, r, s_r, order, n_cols = saved
     dy2d = dy2d.contiguous()
     m = dy2d.shape[0]
     dx = dw = None
@@ -248,7 +262,10 @@ def linear_backward(
         if r is not None:
             if s_r is not None:  # E4M3 R (act_save): dequantized in float32, then bf16
                 r = (r[:m].float() * s_r[:m, None]).to(torch.bfloat16)
-            dw = occ_compensate_wgrad(dw, dy2d, r)  # dW += dYᵀ·R
+            if order is not None:  # dW[:, cols] += dYᵀ·R[:, cols], the outlier columns only
+                dw = occ_compensate_columns_wgrad(dw, dy2d, r, order, n_cols)
+            else:
+                dw = occ_compensate_wgrad(dw, dy2d, r)  # dW += dYᵀ·R
         if recipe.dge is not None:
             dw = dge_weight_grad(
                 dw, weight, s_w, recipe.fwd_w.format, recipe.dge.k, recipe.dge.clip

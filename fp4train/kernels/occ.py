@@ -16,6 +16,18 @@ host sync and a step with OCC can be captured in a CUDA graph. (An earlier versi
 the columns holding an outlier, which syncs for their count: at α = 0.99 nearly every column
 holds one, so it cost a gather on top of the same dense GEMM. cuSPARSE's CSR product at 1%
 density measured 2.7× slower than the dense GEMM on an H100: benchmarks/NOTES.md.)
+
+**Column compensation** (``OCCConfig.compensation = "columns"``). LLM activations put their
+outliers in a few channels: with 3% of the channels 20× larger, the tensor-wise thresholds at
+α = 0.99 leave outliers in 122 of 4096 columns (per-row thresholds: 550). Then the products
+need only those columns of R and W. Without a host sync: :func:`outlier_columns` orders the
+column indices with the outlier columns first and counts them on the device (n), and the
+kernels below loop over the first n of a full-width buffer — their work is proportional to n,
+their shapes static (so a step still captures in a CUDA graph): :func:`gather_columns` packs
+R's outlier columns to the left of a [M, K] buffer (zeros after them), and
+:func:`occ_compensate_columns` / :func:`occ_compensate_columns_wgrad` run the two products
+over them on the tensor cores (bf16 operands, float32 accumulation, as the dense GEMMs; the
+sums are the same up to their order).
 """
 
 from __future__ import annotations
@@ -27,7 +39,15 @@ import triton.language as tl
 from fp4train import occ as _occ
 from fp4train.kernels import quantize as _q
 
-__all__ = ["occ_thresholds", "occ_compensate", "occ_compensate_wgrad"]
+__all__ = [
+    "occ_thresholds",
+    "occ_compensate",
+    "occ_compensate_wgrad",
+    "outlier_columns",
+    "gather_columns",
+    "occ_compensate_columns",
+    "occ_compensate_columns_wgrad",
+]
 
 _CHUNK = 4096  # elements per program of the histogram passes
 
@@ -178,3 +198,190 @@ def occ_compensate_wgrad(dw: torch.Tensor, dy: torch.Tensor, resid: torch.Tensor
     """Weight-gradient compensation ``dW += dYᵀ · R`` in place on the float32 ``dw`` [N, K];
     dy [M, N], ``resid`` [M, K] bf16. Returns ``dw``."""
     return dw.add_(dy.to(torch.bfloat16).t() @ resid)
+
+
+# ------------------------------------------------------------------------------ column compensation
+def outlier_columns(resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [K] int32, n [1] int32) for the residual R [M, K]: the indices of the columns
+    holding a nonzero, ascending, then the others; n is how many hold one. On the device, no
+    sync."""
+    flags = resid.ne(0).any(dim=0)
+    order = torch.argsort((~flags).to(torch.uint8), stable=True).to(torch.int32)
+    return order, flags.sum(dtype=torch.int32).reshape(1)
+
+
+@triton.jit
+def _gather_columns_kernel(
+    src_ptr,  # [R, K], unit stride along K
+    stride_s,
+    order_ptr,  # [K] int32
+    n_ptr,  # [1] int32
+    dst_ptr,  # [R, K] bf16: dst[:, j] = src[:, order[j]] for j < n, else 0
+    R,
+    K,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.load(n_ptr)
+    take = cols < n
+    idx = tl.load(order_ptr + cols, mask=take, other=0)
+    rmask = (rows < R)[:, None]
+    v = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_s + idx[None, :],
+                mask=rmask & take[None, :], other=0.0)  # fmt: skip
+    tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+             _q._to_bf16_rne(v.to(tl.float32)), mask=rmask & (cols < K)[None, :])  # fmt: skip
+
+
+@_q.custom_op("fp4train::gather_columns")
+def gather_columns(src: torch.Tensor, order: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """[R, K] bf16 whose first n columns are ``src[:, order[:n]]`` (rounded to bf16 to nearest
+    even, as ``.to(torch.bfloat16)``) and the rest zero; ``src`` [R, K] bf16 or float32 (W)."""
+    _q._check_2d(src, "src")
+    r, k = src.shape
+    dst = _q.empty_output((r, k), torch.bfloat16, src.device)
+    if r and k:
+        grid = (triton.cdiv(r, 32), triton.cdiv(k, 128))
+        _gather_columns_kernel[grid](src, src.stride(0), order, n, dst, r, k, BLOCK_R=32,
+                                     BLOCK_C=128, num_warps=4)  # fmt: skip
+    return dst
+
+
+@gather_columns.op.register_fake
+def _(src, order, n):
+    return src.new_empty(src.shape, dtype=torch.bfloat16)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a · b`` for bf16 a, b (exact products, float32 sums). ``UPCAST`` (the
+    interpreter, whose bf16 ``tl.dot`` reads the raw bits as integers in Triton 3.6-3.9) takes
+    them in float32, which holds bf16 values and their products exactly."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _compensate_columns_kernel(
+    y_ptr,  # [M, N] bf16, unit stride along N
+    stride_y,
+    r_ptr,  # [M, K] bf16: R's outlier columns first (gather_columns)
+    w_ptr,  # [N, K] bf16: W's columns in the same order
+    n_ptr,  # [1] int32: how many columns to sum over
+    out_ptr,  # [M, N] bf16: y + R_c · W_cᵀ
+    M,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.load(n_ptr)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(r_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :],
+                    mask=(rows < M)[:, None] & (ks < n)[None, :], other=0.0)  # fmt: skip
+        b = tl.load(w_ptr + cols.to(tl.int64)[None, :] * K + ks[:, None],
+                    mask=(ks < n)[:, None] & (cols < N)[None, :], other=0.0)  # fmt: skip
+        acc = _dot(a, b, acc, UPCAST)
+    m2 = (rows < M)[:, None] & (cols < N)[None, :]
+    y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=m2, other=0.0)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
+             _q._to_bf16_rne(acc + y.to(tl.float32)), mask=m2)  # fmt: skip
+
+
+@_q.custom_op("fp4train::occ_compensate_columns")
+def occ_compensate_columns(
+    y: torch.Tensor, r_c: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, n: torch.Tensor
+) -> torch.Tensor:
+    """Forward compensation over the outlier columns: ``Y + R[:, cols] · W[:, cols]ᵀ`` with
+    cols = order[:n] (:func:`outlier_columns`), y [M, N] bf16, ``r_c`` [M, K] from
+    :func:`gather_columns`, weight [N, K] (its columns gathered and cast to bf16 here); float32
+    accumulation, one rounding to bf16. Work proportional to n."""
+    m, nn = y.shape
+    k = r_c.shape[1]
+    w_c = gather_columns(weight, order, n)
+    out = _q.empty_output((m, nn), torch.bfloat16, y.device)
+    if m and nn:
+        grid = (triton.cdiv(m, 128), triton.cdiv(nn, 128))
+        _compensate_columns_kernel[grid](y, y.stride(0), r_c, w_c, n, out, m, nn, k,
+                                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=32,
+                                         UPCAST=y.device.type != "cuda", num_warps=8)  # fmt: skip
+    return out
+
+
+@occ_compensate_columns.op.register_fake
+def _(y, r_c, weight, order, n):
+    return y.new_empty(y.shape, dtype=torch.bfloat16)
+
+
+@triton.jit
+def _compensate_columns_wgrad_kernel(
+    dw_ptr,  # [N, K] float32, updated in place on columns order[:n]
+    dy_ptr,  # [M, N] bf16, unit stride along N
+    r_ptr,  # [M, K] bf16: R's outlier columns first
+    order_ptr,  # [K] int32
+    n_ptr,  # [1] int32
+    M,
+    N,
+    K,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(1) * BLOCK_K
+    ks = k_lo + tl.arange(0, BLOCK_K)
+    n = tl.load(n_ptr)
+    take = ks < n
+    m_end = tl.where(k_lo < n, M, 0)  # programs past the outlier columns do nothing
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for m0 in range(0, m_end, BLOCK_M):
+        ms = m0 + tl.arange(0, BLOCK_M)
+        a = tl.load(dy_ptr + ms.to(tl.int64)[None, :] * N + ns[:, None],
+                    mask=(ns < N)[:, None] & (ms < M)[None, :], other=0.0)  # fmt: skip
+        b = tl.load(r_ptr + ms.to(tl.int64)[:, None] * K + ks[None, :],
+                    mask=(ms < M)[:, None] & take[None, :], other=0.0)  # fmt: skip
+        acc = _dot(a, b, acc, UPCAST)
+    idx = tl.load(order_ptr + ks, mask=take, other=0)
+    m2 = (ns < N)[:, None] & take[None, :]
+    p = dw_ptr + ns.to(tl.int64)[:, None] * K + idx[None, :]
+    tl.store(p, tl.load(p, mask=m2, other=0.0) + acc, mask=m2)
+
+
+@_q.custom_op("fp4train::occ_compensate_columns_wgrad", mutates_args=("dw",))
+def _compensate_columns_wgrad(
+    dw: torch.Tensor, dy: torch.Tensor, r_c: torch.Tensor, order: torch.Tensor, n: torch.Tensor
+) -> None:
+    m, nn = dy.shape
+    k = r_c.shape[1]
+    if m and nn:
+        grid = (triton.cdiv(nn, 128), triton.cdiv(k, 64))
+        _compensate_columns_wgrad_kernel[grid](dw, dy, r_c, order, n, m, nn, k, BLOCK_N=128,
+                                               BLOCK_K=64, BLOCK_M=64,
+                                               UPCAST=dy.device.type != "cuda",
+                                               num_warps=8)  # fmt: skip
+
+
+@_compensate_columns_wgrad.op.register_fake
+def _(dw, dy, r_c, order, n):
+    return None
+
+
+def occ_compensate_columns_wgrad(
+    dw: torch.Tensor, dy: torch.Tensor, r_c: torch.Tensor, order: torch.Tensor, n: torch.Tensor
+) -> torch.Tensor:
+    """Weight-gradient compensation over the outlier columns, in place on the float32 ``dw``
+    [N, K]: ``dW[:, cols] += dYᵀ · R[:, cols]`` with cols = order[:n], dy [M, N] (cast to
+    bf16), ``r_c`` [M, K] from :func:`gather_columns`; float32 accumulation. Returns ``dw``."""
+    if dw.dtype != torch.float32 or not dw.is_contiguous():
+        raise ValueError(f"dw must be a contiguous float32 tensor, got {dw.dtype} {dw.stride()}")
+    _compensate_columns_wgrad(dw, dy.to(torch.bfloat16).contiguous(), r_c, order, n)
+    return dw

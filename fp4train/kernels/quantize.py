@@ -98,14 +98,14 @@ def grid_constants(name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ custom ops
-def custom_op(name: str):
+def custom_op(name: str, mutates_args: tuple[str, ...] = ()):
     """Register ``fn`` as custom op ``name`` for torch.compile; call it directly in eager.
 
     The returned wrapper has the op as ``.op`` (for ``register_fake``).
     """
 
     def deco(fn):
-        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
