@@ -1,5 +1,5 @@
-"""The quantize kernels compiled for Hopper (sm_90) on this machine, without a GPU: Triton's
-code generator and ptxas, at the configurations the launchers use.
+"""Every Triton kernel of fp4train compiled for Hopper (sm_90) on this machine, without a GPU:
+Triton's code generator and ptxas, at the configurations the launchers use.
 
 The interpreter (tests/test_kernels.py) runs the kernels' Python, not Triton's compiler, so a
 kernel it accepts can still fail to compile for the GPU (session 10: a str default argument
@@ -32,6 +32,8 @@ if not os.path.exists(_CUOBJDUMP):
     pytest.skip("Triton's NVIDIA backend (ptxas, cuobjdump) is not installed",
                 allow_module_level=True)  # fmt: skip
 
+from fp4train.kernels import adamw as kadam  # noqa: E402
+from fp4train.kernels import dge as kdge  # noqa: E402
 from fp4train.kernels import occ as kocc  # noqa: E402
 from fp4train.kernels import quantize as kq  # noqa: E402
 
@@ -39,9 +41,10 @@ from fp4train.kernels import quantize as kq  # noqa: E402
 def _compile_sm90(fn, sig: dict, constexprs: dict, num_warps: int) -> dict:
     """Compile ``fn`` for sm_90; returns ptxas's resource usage (REG, STACK, ...)."""
     sig = dict(sig, **{k: "constexpr" for k in constexprs})
-    unaligned = ("M", "seed", "n_kt", "R")  # runtime ints not specialized as % 16
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-             for k, v in sig.items() if v != "constexpr" and k not in unaligned}  # fmt: skip
+    # runtime ints that need not be multiples of 16 (the others are at the launchers' shapes)
+    unaligned = ("M", "seed", "n_kt", "n_mt", "R", "n", "rank_lo", "rank_hi", "N")
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+             if v not in ("constexpr", "fp32") and k not in unaligned}  # fmt: skip
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps))  # fmt: skip
@@ -106,6 +109,52 @@ def _compensate_wgrad_case():
     return kocc._compensate_columns_wgrad_kernel, sig, ce, 8
 
 
+def _scales_case():
+    sig = dict(rpart_ptr="*fp32", cpart_ptr="*fp32", s_row_ptr="*fp32", r_row_ptr="*fp32",
+               s_col_ptr="*fp32", r_col_ptr="*fp32", M="i32", Mp="i32", K="i32", n_kt="i32",
+               n_mt="i32")  # fmt: skip
+    ce = dict(ROW_AMAX=True, FMAX_ROW=57344.0, FMAX_COL=57344.0, BLOCK=256, PARTS=16)
+    return kq._scales_kernel, sig, ce, 4
+
+
+def _dge_case():
+    sig = dict(dw_ptr="*fp32", w_ptr="*fp32", s_ptr="*fp32", out_ptr="*fp32", N="i32", K="i32")
+    c = kq.format_constants("e2m1")
+    ce = dict(P=1 / 5 - 1, DGE_K=5.0, CLIP=3.0, FMAX=c["FMAX"], MBITS=c["MBITS"],
+              MIN_EXP=c["MIN_EXP"], BLOCK_N=16, BLOCK_K=256)  # fmt: skip
+    return kdge._dge_weight_grad_kernel, sig, ce, 4
+
+
+def _occ_threshold_cases():
+    hist = dict(x_ptr="*bf16", n="i32", hist_ptr="*i32")
+    return {
+        "OCC histogram, high byte": lambda: (kocc._hist_high_kernel, hist,
+                                             dict(CHUNK=kocc._CHUNK), 8),
+        "OCC select, high byte": lambda: (kocc._select_high_kernel,
+                                          dict(hist_ptr="*i32", state_ptr="*i32", rank_lo="i32",
+                                               rank_hi="i32"), {}, 1),
+        "OCC histogram, low byte": lambda: (kocc._hist_low_kernel,
+                                            dict(x_ptr="*bf16", n="i32", state_ptr="*i32",
+                                                 hist_ptr="*i32"), dict(CHUNK=kocc._CHUNK), 8),
+        "OCC select, low byte": lambda: (kocc._select_low_kernel,
+                                         dict(hist_ptr="*i32", state_ptr="*i32", lo_ptr="*fp32",
+                                              hi_ptr="*fp32"), {}, 1),
+    }  # fmt: skip
+
+
+def _adamw_case(param: str):
+    sig = dict(p_ptr=f"*{param}", g_ptr=f"*{param}", m_ptr="*fp8e4nv", ms_ptr="*fp32",
+               r_ptr="*fp16", rs_ptr="*fp32", m_out="*fp8e4nv", ms_out="*fp32", r_out="*fp16",
+               rs_out="*fp32", n="i32", lerp_w="fp32", beta2="fp32", one_minus_beta2="fp32",
+               sqrt_bc2="fp32", eps="fp32", decay="fp32", step_size="fp32")  # fmt: skip
+    cm, cr = kq.format_constants("e4m3"), kq.grid_constants("e5m10")
+    ce = dict(LERP_SMALL=True, P_BF16=param == "bf16", M_FMAX=cm["FMAX"], M_MBITS=cm["MBITS"],
+              M_MIN_EXP=cm["MIN_EXP"], M_EMAX=cm["EMAX"], R_FMAX=cr["FMAX"],
+              R_MBITS=cr["MBITS"], R_MIN_EXP=cr["MIN_EXP"], R_EMAX=cr["EMAX"],
+              R_MIN_SUB=kadam._FP16_MIN_SUB, BLOCK=128, NB=kadam._NB)  # fmt: skip
+    return kadam._adamw_lp_kernel, sig, ce, 4
+
+
 CASES = {
     "rowblock bf16 e2m1": lambda: _rowblock_case("bf16", False, "e2m1"),
     "rowblock bf16 e2m1 OCC clamp": lambda: _rowblock_case("bf16", True, "e2m1"),
@@ -117,6 +166,11 @@ CASES = {
     "OCC gather columns fp32": lambda: _gather_case("fp32"),
     "OCC column compensation": _compensate_case,
     "OCC column compensation wgrad": _compensate_wgrad_case,
+    "dY scales": _scales_case,
+    "DGE pass": _dge_case,
+    **_occ_threshold_cases(),
+    "low-precision AdamW, float32 parameter": lambda: _adamw_case("fp32"),
+    "low-precision AdamW, bf16 parameter": lambda: _adamw_case("bf16"),
 }
 
 
