@@ -8,7 +8,9 @@ block's amax walk inside this block's quantize walk does not help; software-pipe
 loads (cp.async stages) speeds the amax walk alone (to 68-82% of copy) but not the kernel:
 the quantize walk (L2 re-read, rounding, the row-major and the transposed FP8 store) takes
 60% of the time. 64-row blocks with 16 warps are 10% faster on bf16 X, slower on float32 W,
-hence the per-element-size configs. Usage: python benchmarks/sweep_rowblock.py
+hence the per-element-size configs. The "resident" rows time the other strategy
+(``ROW_STRATEGY``): whole rows in registers, read once, then an FP8 transpose for q_t.
+Usage: python benchmarks/sweep_rowblock.py
 """
 
 import torch
@@ -33,6 +35,11 @@ KNOBS = [  # name, overrides of the element size's ROWBLOCK_CONFIG, stores
     ("64x256 w8", dict(BLOCK_M=64, BLOCK_K=256, num_warps=8), "q+qt"),
     ("16x512 w8", dict(BLOCK_M=16, BLOCK_K=512, num_warps=8), "q+qt"),
     ("32x256 w4, 2/SM", dict(BLOCK_M=32, BLOCK_K=256, num_warps=4, PER_SM=2), "q+qt"),
+    # ROW_STRATEGY "resident": whole rows in registers, read once, then an FP8 transpose
+    ("resident + transpose", dict(_strategy="resident"), "q+qt"),
+    ("resident, q only", dict(_strategy="resident"), "q"),
+    ("resident, 4096 elements/program", dict(_strategy="resident", _elements=4096), "q+qt"),
+    ("resident, 16384 elements/program", dict(_strategy="resident", _elements=16384), "q+qt"),
 ]
 DY_SHAPES = [(8192, 4096), (8192, 11008)]
 DY_KNOBS = [  # name, TILE_CONFIG of the quantize pass
@@ -46,6 +53,7 @@ DY_KNOBS = [  # name, TILE_CONFIG of the quantize pass
 def sweep() -> list[dict]:
     rows = []
     cfg0 = {es: dict(c) for es, c in kq.ROWBLOCK_CONFIG.items()}
+    strategy0, elements0 = kq.ROW_STRATEGY, kq.RESIDENT_ELEMENTS
     try:
         for name, m, k, dtype in SHAPES:
             # three inputs in turn, so no call finds its input in L2
@@ -57,6 +65,9 @@ def sweep() -> list[dict]:
             copy = _copy_gbps(m * k * es)  # GB/s of a device copy, bytes read + written
             want = kq.quantize_rows(x0, "e2m1", store_qt=True)
             for knob, over, stores in KNOBS:
+                over = dict(over)
+                kq.ROW_STRATEGY = over.pop("_strategy", strategy0)
+                kq.RESIDENT_ELEMENTS = over.pop("_elements", elements0)
                 kq.ROWBLOCK_CONFIG[es] = dict(cfg0[es], **over)
                 sq, sqt = stores in ("q+qt", "q"), stores in ("q+qt", "qt")
                 nbytes = m * k * (es + sq + sqt)
@@ -80,6 +91,7 @@ def sweep() -> list[dict]:
                 ))  # fmt: skip
     finally:
         kq.ROWBLOCK_CONFIG.update(cfg0)
+        kq.ROW_STRATEGY, kq.RESIDENT_ELEMENTS = strategy0, elements0
     return rows
 
 

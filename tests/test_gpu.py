@@ -64,11 +64,13 @@ def _assert_same(got, want, what, seed):
     assert_same_bits(got, want, f"{what} (seed {seed})")
 
 
+@pytest.mark.parametrize("strategy", ["two-walk", "resident"])
 @pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
 @pytest.mark.parametrize("shape", [(1000, 1040), (64, 11008)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_quantize_rows_bit_exact(fmt, shape, dtype, gen):
+def test_quantize_rows_bit_exact(fmt, shape, dtype, strategy, gen, monkeypatch):
     g, seed = gen
+    monkeypatch.setattr(kq, "ROW_STRATEGY", strategy)
     x = wide_values(*shape, g, dtype)
     got = kq.quantize_rows(x, fmt, store_q=True, store_qt=True)
     want = _twin(ref.quantize_rows, x, fmt, store_q=True, store_qt=True)

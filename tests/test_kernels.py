@@ -24,6 +24,7 @@ CHECKS = [
     "quantize_rows_e4m3",
     "quantize_rows_e5m2",
     "quantize_rows_fp32_input",
+    "quantize_rows_resident_strategy",
     "quantize_dy_both_operands",
     "occ_thresholds_tensor",
     "occ_thresholds_row",
@@ -143,6 +144,41 @@ def check_quantize_rows_e5m2(g):
 
 def check_quantize_rows_fp32_input(g):
     _check_rows("e2m1", g, torch.float32)
+
+
+def check_quantize_rows_resident_strategy(g):
+    """ROW_STRATEGY "resident" (whole rows in registers + an FP8 transpose) gives the bits of
+    the reference (nearest) and of the two-walk kernel (stochastic, same Philox indices), for
+    bf16 and float32 inputs, OCC's clamp per tensor and per row, each store combination."""
+    from fp4train.kernels import quantize as kq
+    from fp4train.kernels import reference as ref
+
+    x = wide_values(37, 600, g)
+    w = wide_values(40, 300, g, torch.float32)
+    lo1, hi1 = torch.tensor([-0.5]), torch.tensor([0.75])
+    lo_r, hi_r = -torch.rand(37, generator=g), torch.rand(37, generator=g)
+    cases = [
+        ("bf16 X", x, {}), ("float32 W", w, {}),
+        ("clamp per tensor", x, dict(lo=lo1, hi=hi1)), ("clamp per row", x, dict(lo=lo_r, hi=hi_r)),
+        ("q_t only", x, dict(store_q=False)), ("q only", w, dict(store_qt=False)),
+    ]  # fmt: skip
+    strategy = kq.ROW_STRATEGY
+    try:
+        for name, t, kw in cases:
+            kw = dict(dict(store_q=True, store_qt=True), **kw)
+            want = ref.quantize_rows(t, "e2m1", **kw)
+            kq.ROW_STRATEGY = "resident"
+            got = kq.quantize_rows(t, "e2m1", **kw)
+            for what, a, b in zip(("q", "scale", "q_t", "resid"), got, want, strict=True):
+                assert_same_bits(a, b, f"resident {name}: {what}")
+            kq.ROW_STRATEGY = "two-walk"
+            sr = kq.quantize_rows(t, "e2m1", stochastic=True, seed=7, **kw)
+            kq.ROW_STRATEGY = "resident"
+            got = kq.quantize_rows(t, "e2m1", stochastic=True, seed=7, **kw)
+            for what, a, b in zip(("q", "scale", "q_t", "resid"), got, sr, strict=True):
+                assert_same_bits(a, b, f"resident {name}, stochastic: {what}")
+    finally:
+        kq.ROW_STRATEGY = strategy
 
 
 def check_quantize_dy_both_operands(g):

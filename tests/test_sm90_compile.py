@@ -68,6 +68,22 @@ def _rowblock_case(dtype: str, clamp: bool, fmt: str):
     return kq._quantize_rowblock_kernel, sig, ce, warps
 
 
+def _resident_case(dtype: str, k: int, clamp: bool = False):
+    sig = dict(x_ptr=f"*{dtype}", stride_xm="i32", colmul_ptr="*fp32", lo_ptr="*fp32",
+               hi_ptr="*fp32", s_ptr="*fp32", q_ptr="*fp8e4nv", r_ptr="*bf16", M="i32", Mp="i32",
+               K="i32", seed="i32")  # fmt: skip
+    block_k = triton.next_power_of_2(k)
+    ce = dict(HAS_COLMUL=False, CLAMP=clamp, CLAMP_PER_ROW=False,
+              **kq.format_constants("e2m1"), SR=False,
+              BLOCK_M=max(1, kq.RESIDENT_ELEMENTS // block_k), BLOCK_K=block_k)  # fmt: skip
+    return kq._quantize_rows_resident_kernel, sig, ce, 8
+
+
+def _transpose_case():
+    sig = dict(src_ptr="*u8", dst_ptr="*u8", R="i32", C="i32")
+    return kq._transpose_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64), 4
+
+
 def _tile_case():
     sig = dict(x_ptr="*bf16", stride_xm="i32", colmul_ptr="*fp32", rowmul_ptr="*fp32",
                s_row_ptr="*fp32", r_row_ptr="*fp32", s_col_ptr="*fp32", r_col_ptr="*fp32",
@@ -160,6 +176,10 @@ CASES = {
     "rowblock bf16 e2m1 OCC clamp": lambda: _rowblock_case("bf16", True, "e2m1"),
     "rowblock fp32 e2m1": lambda: _rowblock_case("fp32", False, "e2m1"),
     "rowblock bf16 e4m3": lambda: _rowblock_case("bf16", False, "e4m3"),
+    "resident rows bf16 K=4096": lambda: _resident_case("bf16", 4096),
+    "resident rows bf16 K=11008, OCC clamp": lambda: _resident_case("bf16", 11008, True),
+    "resident rows fp32 K=16384": lambda: _resident_case("fp32", 16384),
+    "FP8 transpose": _transpose_case,
     "dY quantize tile": _tile_case,
     "dY amax partials": _amax_case,
     "OCC gather columns bf16": lambda: _gather_case("bf16"),

@@ -17,7 +17,12 @@ computing the row amax and scale from memory, then quantizing from L2 into both 
 (measured on an H100: 55% of copy bandwidth for a bf16 X and 50% for a float32 W, against 46%
 and 19% for the three launches below; the amax walk alone runs at 65-75%, the quantize walk
 with its two FP8 stores, one transposed, takes the other 60% of the time:
-benchmarks/sweep_rowblock.py). dY's two operands take three launches over x [M, K]:
+benchmarks/sweep_rowblock.py). ``ROW_STRATEGY = "resident"`` does it the other way:
+whole rows (K up to 16384) held in registers, read from memory once, only the row-major q
+stored (``_quantize_rows_resident_kernel``), then q_t by an FP8 transpose: 25% more bytes than
+the floor but no L2 re-read and no transposed store inside the rounding loop; the same bits
+(interpreter-tested; its speed is to be measured). dY's two operands take three launches over
+x [M, K]:
 
 1. ``_amax_partials_kernel`` reads x once, tile by tile, and writes partial amaxes: per row of
    ``v = x * col_scale`` (the row-wise operand) and per column of
@@ -457,6 +462,81 @@ def _quantize_rowblock_kernel(
                          _to_bf16_rne(x - v), mask=rmask)  # fmt: skip
 
 
+@triton.jit
+def _quantize_rows_resident_kernel(
+    x_ptr,  # [M, K], unit stride along K
+    stride_xm,
+    colmul_ptr,  # [K] float32 (HAS_COLMUL)
+    lo_ptr,  # OCC clamp bounds (CLAMP)
+    hi_ptr,
+    s_ptr,  # [Mp] float32 row scales
+    q_ptr,  # [Mp, K] row-major
+    r_ptr,  # [M, K] bf16 residual (CLAMP)
+    M,
+    Mp,
+    K,
+    HAS_COLMUL: tl.constexpr,
+    CLAMP: tl.constexpr,
+    CLAMP_PER_ROW: tl.constexpr,
+    FMAX: tl.constexpr,
+    MBITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    EMAX: tl.constexpr,
+    seed,
+    SR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a power of two >= K: whole rows in registers
+):
+    """BLOCK_M whole rows per program, read once from memory and held in registers: amax,
+    scale, rounding, one row-major store (the transposed layout is a separate FP8 transpose).
+    The arithmetic and the noise indices are ``_quantize_rowblock_kernel``'s: the same bits."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    lo, hi = _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP, CLAMP_PER_ROW)
+    x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL,
+                         CLAMP)  # fmt: skip
+    s = _absmax_scale(tl.max(tl.abs(v), axis=1), FMAX)
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    tl.store(s_ptr + rows, s, mask=rows < Mp)
+    noise = None
+    if SR:
+        noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
+    q = _round_to_grid(div_by_scale(v, s[:, None], r[:, None]), MBITS, MIN_EXP, EMAX, FMAX,
+                       noise, SR)  # fmt: skip
+    omask = (rows < Mp)[:, None] & (cols < K)[None, :]
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+             q.to(q_ptr.dtype.element_ty), mask=omask)  # fmt: skip
+    if CLAMP:
+        rmask = (rows < M)[:, None] & (cols < K)[None, :]
+        tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], _to_bf16_rne(x - v),
+                 mask=rmask)  # fmt: skip
+
+
+@triton.jit
+def _transpose_kernel(
+    src_ptr,  # [R, C] bytes, row-major
+    dst_ptr,  # [C, R] bytes
+    R,
+    C,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m2 = (rows < R)[:, None] & (cols < C)[None, :]
+    t = tl.load(src_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=m2)
+    tl.store(dst_ptr + cols.to(tl.int64)[None, :] * R + rows[:, None], t, mask=m2)
+
+
+def transpose_bytes(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst`` [C, R] = ``src`` [R, C]ᵀ for contiguous 1-byte tensors (FP8), one launch."""
+    r, c = src.shape
+    if r and c:
+        grid = (triton.cdiv(r, 64), triton.cdiv(c, 64))
+        _transpose_kernel[grid](src.view(torch.uint8), dst.view(torch.uint8), r, c, BLOCK_R=64,
+                                BLOCK_C=64, num_warps=4)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ launchers
 # tuned on an H100 for dY at 8192 x {2048, 4096, 11264} (benchmarks/NOTES.md: 14% faster than
 # the H200 choice 128x256/32x128 w8 + 64x64 w4); the interpreter ignores warps
@@ -476,6 +556,15 @@ ROWBLOCK_CONFIG = {
 def rowblock_config(element_size: int, clamp: bool) -> dict:
     """The row-block kernel's launch configuration for an input of ``element_size`` bytes."""
     return dict(ROWBLOCK_CONFIG["clamp" if clamp else min(element_size, 4)])
+
+
+# the row-only quantization's strategy: "two-walk" (_quantize_rowblock_kernel: both layouts from
+# one launch that reads each row block twice, the second time from L2) or "resident" (whole
+# rows in registers, read once, row-major store, then an FP8 transpose for q_t; rows up to
+# RESIDENT_MAX_K wide). benchmarks/sweep_rowblock.py times both.
+ROW_STRATEGY = "two-walk"
+RESIDENT_MAX_K = 16384
+RESIDENT_ELEMENTS = 8192  # elements per program (BLOCK_M whole rows); 8 warps
 
 
 @functools.cache
@@ -563,7 +652,21 @@ def _quantize(
     if not cols:  # X, W (and dY's row operand alone): one launch
         s_row = empty_output(mp if row_fmt is not None else 0, torch.float32, dev)
         resid = empty_output((m, k) if clamp else (0,), torch.bfloat16, dev)
-        if m and k and row_fmt is not None:
+        if m and k and row_fmt is not None and ROW_STRATEGY == "resident" and k <= RESIDENT_MAX_K:
+            block_k = triton.next_power_of_2(k)
+            block_m = max(1, RESIDENT_ELEMENTS // block_k)
+            q_rows = q if rows and store_q else empty_output((mp, k), fp8, dev)
+            dummy = s_row
+            _quantize_rows_resident_kernel[(triton.cdiv(mp, block_m),)](
+                x, x.stride(0), col_scale if col_scale is not None else dummy,
+                lo if clamp else dummy, hi if clamp else dummy, s_row, q_rows,
+                resid if clamp else q_rows, m, mp, k, HAS_COLMUL=col_scale is not None,
+                CLAMP=clamp, CLAMP_PER_ROW=per_row, **format_constants(row_fmt), seed=seed,
+                SR=sr_row, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8,
+            )  # fmt: skip
+            if rows and store_qt:
+                transpose_bytes(q_rows, q_t)
+        elif m and k and row_fmt is not None:
             cfg = rowblock_config(x.element_size(), clamp)
             progs = _rowblock_programs(triton.cdiv(mp, cfg["BLOCK_M"]), cfg.pop("PER_SM"), dev)
             dummy = s_row
