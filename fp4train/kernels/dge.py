@@ -46,8 +46,7 @@ def _dge_weight_grad_kernel(
     dw = tl.load(dw_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + rows, mask=rows < N, other=1.0)
-    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    mag = tl.abs(_q.div_by_scale(w, s[:, None], r[:, None]))
+    mag = tl.abs(_q.div_by_scale(w, s[:, None], _q.reciprocal(s)[:, None]))
     # absmax scaling puts |w/s| <= max; the rounded scale can push a row's largest weight an
     # ulp past it, which must not count as saturated (the reference clamps the same way)
     mag = tl.where(mag > FMAX, FMAX, mag)

@@ -134,6 +134,12 @@ def _absmax_scale(amax, FMAX: tl.constexpr):
 
 
 @triton.jit
+def reciprocal(s):
+    """1 / s correctly rounded (IEEE division): the r that :func:`div_by_scale` needs."""
+    return tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+
+
+@triton.jit
 def div_by_scale(v, s, r):
     """v / s correctly rounded, given r = 1/s correctly rounded (Markstein's correction)."""
     q = v * r
@@ -304,8 +310,7 @@ def _scales_kernel(
         amax = tl.max(acc_r, axis=1)
         s = _absmax_scale(amax, FMAX_ROW)
         tl.store(s_row_ptr + rows, s, mask=rows < Mp)
-        tl.store(r_row_ptr + rows, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s),
-                 mask=rows < Mp)  # fmt: skip
+        tl.store(r_row_ptr + rows, reciprocal(s), mask=rows < Mp)
     else:
         cols = (pid - n_row_progs) * BLOCK + tl.arange(0, BLOCK)
         acc_c = tl.zeros([PARTS, BLOCK], dtype=tl.float32)
@@ -316,8 +321,7 @@ def _scales_kernel(
             acc_c = tl.maximum(acc_c, t)
         s = _absmax_scale(tl.max(acc_c, axis=0), FMAX_COL)
         tl.store(s_col_ptr + cols, s, mask=cols < K)
-        tl.store(r_col_ptr + cols, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s),
-                 mask=cols < K)  # fmt: skip
+        tl.store(r_col_ptr + cols, reciprocal(s), mask=cols < K)
 
 
 @triton.jit
@@ -396,7 +400,33 @@ def _rows_absmax_scale(
         )
         acc = tl.maximum(acc, tl.abs(v))
     s = _absmax_scale(tl.max(acc, axis=1), FMAX)
-    return s, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    return s, reciprocal(s)
+
+
+@triton.jit
+def _round_and_store(
+    x, v, s, r, rows, cols, M, Mp, K, q_ptr, qt_ptr, r_ptr, seed,
+    STORE_Q: tl.constexpr, STORE_QT: tl.constexpr, CLAMP: tl.constexpr, FMAX: tl.constexpr,
+    MBITS: tl.constexpr, MIN_EXP: tl.constexpr, EMAX: tl.constexpr, SR: tl.constexpr,
+):  # fmt: skip
+    """Round the tile v[rows, cols] / s (s, r = 1/s: [BLOCK_M, 1]) to the grid (Philox noise
+    indexed by row · K + col when ``SR``) and store it row-major in q [Mp, K] and/or
+    transposed in q_t [K, Mp]; with ``CLAMP``, the bf16 residual x − v in r [M, K]."""
+    noise = None
+    if SR:
+        noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
+    q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX, noise, SR)
+    omask = (rows < Mp)[:, None] & (cols < K)[None, :]
+    if STORE_Q:
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                 q.to(q_ptr.dtype.element_ty), mask=omask)  # fmt: skip
+    if STORE_QT:
+        tl.store(qt_ptr + cols.to(tl.int64)[None, :] * Mp + rows[:, None],
+                 q.to(qt_ptr.dtype.element_ty), mask=omask)  # fmt: skip
+    if CLAMP:
+        rmask = (rows < M)[:, None] & (cols < K)[None, :]
+        tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], _to_bf16_rne(x - v),
+                 mask=rmask)  # fmt: skip
 
 
 @triton.jit
@@ -445,21 +475,8 @@ def _quantize_rowblock_kernel(
             x, v = _load_operand(
                 x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL, CLAMP
             )
-            noise = None
-            if SR:
-                noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
-            q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX, noise, SR)
-            omask = (rows < Mp)[:, None] & (cols < K)[None, :]
-            if STORE_Q:
-                tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-                         q.to(q_ptr.dtype.element_ty), mask=omask)  # fmt: skip
-            if STORE_QT:
-                tl.store(qt_ptr + cols.to(tl.int64)[None, :] * Mp + rows[:, None],
-                         q.to(qt_ptr.dtype.element_ty), mask=omask)  # fmt: skip
-            if CLAMP:
-                rmask = (rows < M)[:, None] & (cols < K)[None, :]
-                tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-                         _to_bf16_rne(x - v), mask=rmask)  # fmt: skip
+            _round_and_store(x, v, s, r, rows, cols, M, Mp, K, q_ptr, qt_ptr, r_ptr, seed,
+                             STORE_Q, STORE_QT, CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR)  # fmt: skip
 
 
 @triton.jit
@@ -496,20 +513,10 @@ def _quantize_rows_resident_kernel(
     x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL,
                          CLAMP)  # fmt: skip
     s = _absmax_scale(tl.max(tl.abs(v), axis=1), FMAX)
-    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
     tl.store(s_ptr + rows, s, mask=rows < Mp)
-    noise = None
-    if SR:
-        noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
-    q = _round_to_grid(div_by_scale(v, s[:, None], r[:, None]), MBITS, MIN_EXP, EMAX, FMAX,
-                       noise, SR)  # fmt: skip
-    omask = (rows < Mp)[:, None] & (cols < K)[None, :]
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-             q.to(q_ptr.dtype.element_ty), mask=omask)  # fmt: skip
-    if CLAMP:
-        rmask = (rows < M)[:, None] & (cols < K)[None, :]
-        tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], _to_bf16_rne(x - v),
-                 mask=rmask)  # fmt: skip
+    _round_and_store(x, v, s[:, None], reciprocal(s)[:, None], rows, cols, M, Mp, K, q_ptr,
+                     q_ptr, r_ptr, seed, True, False, CLAMP, FMAX, MBITS, MIN_EXP, EMAX,
+                     SR)  # fmt: skip
 
 
 @triton.jit
