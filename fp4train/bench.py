@@ -276,25 +276,25 @@ def profile_linear(
         ("quantize W (both layouts)", lambda: kq.quantize_rows(w, fw, store_qt=True)),
         ("fwd GEMM (_scaled_mm)", lambda: klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)),
     ]  # fmt: skip
-    if r.occ is not None and r.occ.compensate and r.occ.compensation == "columns":
+    if r.occ is not None and r.occ.compensate:
         y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
-        order, cnt = kocc.outlier_columns(resid)
-        r_c = kocc.gather_columns(resid, order, cnt)
-        steps += [
-            ("OCC outlier columns + pack R",
-             lambda: kocc.gather_columns(resid, *kocc.outlier_columns(resid))),
-            (f"OCC fwd compensation ({int(cnt)}/{k} columns)",
-             lambda: kocc.occ_compensate_columns(y, r_c, w, order, cnt)),
-            ("OCC wgrad compensation (columns)",
-             lambda: kocc.occ_compensate_columns_wgrad(dw32, dy, r_c, order, cnt)),
-        ]  # fmt: skip
-    elif r.occ is not None and r.occ.compensate:
-        y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
-        steps += [
-            (f"OCC fwd compensation ({int((resid != 0).sum()) / resid.numel():.2%} nonzero)",
-             lambda: kocc.occ_compensate(y, resid, w)),
-            ("OCC wgrad compensation", lambda: kocc.occ_compensate_wgrad(dw32, dy, resid)),
-        ]  # fmt: skip
+        if r.occ.compensation == "columns":
+            order, cnt = kocc.outlier_columns(resid)
+            r_c = kocc.gather_columns(resid, order, cnt)
+            steps += [
+                ("OCC outlier columns + pack R",
+                 lambda: kocc.gather_columns(resid, *kocc.outlier_columns(resid))),
+                (f"OCC fwd compensation ({int(cnt)}/{k} columns)",
+                 lambda: kocc.occ_compensate_columns(y, r_c, w, order, cnt)),
+                ("OCC wgrad compensation (columns)",
+                 lambda: kocc.occ_compensate_columns_wgrad(dw32, dy, r_c, order, cnt)),
+            ]  # fmt: skip
+        else:
+            steps += [
+                (f"OCC fwd compensation ({int((resid != 0).sum()) / resid.numel():.2%} "
+                 "nonzero)", lambda: kocc.occ_compensate(y, resid, w)),
+                ("OCC wgrad compensation", lambda: kocc.occ_compensate_wgrad(dw32, dy, resid)),
+            ]  # fmt: skip
     steps += [
         ("quantize dY (both operands)",
          lambda: kq.quantize_rowwise_and_colwise(dy, fdy, fdy2, s_w, s_x)),

@@ -659,35 +659,34 @@ def _quantize(
     if not cols:  # X, W (and dY's row operand alone): one launch
         s_row = empty_output(mp if row_fmt is not None else 0, torch.float32, dev)
         resid = empty_output((m, k) if clamp else (0,), torch.bfloat16, dev)
-        if m and k and row_fmt is not None and ROW_STRATEGY == "resident" and k <= RESIDENT_MAX_K:
+        # absent optional inputs: any float32 pointer (the kernel's constexprs skip them)
+        colmul = col_scale if col_scale is not None else s_row
+        lo_, hi_ = (lo, hi) if clamp else (s_row, s_row)
+        if not (m and k and row_fmt is not None):
+            s_row.fill_(1.0)
+        elif ROW_STRATEGY == "resident" and k <= RESIDENT_MAX_K:
             block_k = triton.next_power_of_2(k)
             block_m = max(1, RESIDENT_ELEMENTS // block_k)
             q_rows = q if rows and store_q else empty_output((mp, k), fp8, dev)
-            dummy = s_row
             _quantize_rows_resident_kernel[(triton.cdiv(mp, block_m),)](
-                x, x.stride(0), col_scale if col_scale is not None else dummy,
-                lo if clamp else dummy, hi if clamp else dummy, s_row, q_rows,
-                resid if clamp else q_rows, m, mp, k, HAS_COLMUL=col_scale is not None,
-                CLAMP=clamp, CLAMP_PER_ROW=per_row, **format_constants(row_fmt), seed=seed,
-                SR=sr_row, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8,
+                x, x.stride(0), colmul, lo_, hi_, s_row, q_rows, resid if clamp else q_rows, m,
+                mp, k, HAS_COLMUL=col_scale is not None, CLAMP=clamp, CLAMP_PER_ROW=per_row,
+                **format_constants(row_fmt), seed=seed, SR=sr_row, BLOCK_M=block_m,
+                BLOCK_K=block_k, num_warps=8,
             )  # fmt: skip
             if rows and store_qt:
                 transpose_bytes(q_rows, q_t)
-        elif m and k and row_fmt is not None:
+        else:
             cfg = rowblock_config(x.element_size(), clamp)
             progs = _rowblock_programs(triton.cdiv(mp, cfg["BLOCK_M"]), cfg.pop("PER_SM"), dev)
-            dummy = s_row
             _quantize_rowblock_kernel[(progs,)](
-                x, x.stride(0), col_scale if col_scale is not None else dummy,
-                lo if clamp else dummy, hi if clamp else dummy, s_row,
+                x, x.stride(0), colmul, lo_, hi_, s_row,
                 q if rows and store_q else q_t, q_t if rows and store_qt else q,
                 resid if clamp else q, m, mp, k, HAS_COLMUL=col_scale is not None,
                 CLAMP=clamp, CLAMP_PER_ROW=per_row, STORE_Q=rows and store_q,
-                STORE_QT=rows and store_qt, **format_constants(row_fmt or "e4m3"), seed=seed,
+                STORE_QT=rows and store_qt, **format_constants(row_fmt), seed=seed,
                 SR=rows and sr_row, **cfg,
             )  # fmt: skip
-        else:
-            s_row.fill_(1.0)
         # outputs never alias one another (a custom-op rule)
         return q, s_row, q_t, None, None, resid
     c1 = format_constants(row_fmt) if row_fmt is not None else format_constants("e4m3")
