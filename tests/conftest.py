@@ -53,3 +53,58 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     n = int((got != want).sum())
     if n:
         raise AssertionError(f"{what}: {n} of {got.numel()} elements differ")
+
+
+# the clamp bounds of check_column_compensation's three cases, for x with three outlier
+# channels 30× larger than the rest
+COLUMN_CASES = {"3 channels": (-8.0, 8.0), "every column": (-0.5, 0.5), "none": (-1e4, 1e4)}
+
+
+def check_column_compensation(case: str, gen: torch.Generator, m: int, k: int, n: int) -> None:
+    """OCC's column compensation (``fp4train.kernels.occ``) on ``gen``'s device, for an x
+    [m, k] with three outlier channels clamped as ``COLUMN_CASES[case]`` says: the outlier
+    columns found and R and W packed bit for bit; the forward within one bf16 ulp of the
+    float64 sum; the weight gradient within float32's summation bound, its other columns
+    untouched. Raises AssertionError naming ``case``."""
+    from fp4train.kernels import occ as kocc
+    from fp4train.kernels import quantize as kq
+
+    dev = gen.device
+    x = torch.randn(m, k, device=dev, generator=gen)
+    x[:, [3, k // 2, k // 2 + 1]] *= 30
+    x = x.bfloat16()
+    w = torch.randn(n, k, device=dev, generator=gen) * 0.05
+    y = torch.randn(m, n, device=dev, generator=gen).bfloat16()
+    dy = torch.randn(m, n, device=dev, generator=gen).bfloat16()
+    dw0 = torch.randn(n, k, device=dev, generator=gen)
+    lo, hi = (torch.tensor([v], device=dev) for v in COLUMN_CASES[case])
+    _, _, _, resid = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi)
+    order, cnt = kocc.outlier_columns(resid)
+    cols = resid.ne(0).any(0).nonzero().flatten()
+    c = int(cnt)
+    if c != cols.numel() or not torch.equal(order[:c].long(), cols):
+        raise AssertionError(f"{case}: outlier columns {order[:c].tolist()} vs {cols.tolist()}")
+    r_c = kocc.gather_columns(resid, order, cnt)
+    for what, src, packed in (("R", resid, r_c), ("W", w, kocc.gather_columns(w, order, cnt))):
+        want = torch.zeros(src.shape, dtype=torch.bfloat16, device=dev)
+        want[:, :c] = src[:, cols].bfloat16()
+        assert_same_bits(packed, want, f"{case}: packed {what}")
+    # forward: y + R·W_bf16ᵀ, float32 sums, one rounding to bf16: within one bf16 ulp
+    got = kocc.occ_compensate_columns(y, r_c, w, order, cnt).double()
+    exact = y.double() + resid.double() @ w.bfloat16().double().t()
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-120))) - 7)
+    bad = int(((got - exact).abs() > ulp).sum())
+    if bad:
+        raise AssertionError(f"{case}: {bad} forward outputs off by more than one bf16 ulp")
+    # wgrad: dW[:, cols] += dYᵀ·R[:, cols] in float32; the other columns untouched
+    got = kocc.occ_compensate_columns_wgrad(dw0.clone(), dy, r_c, order, cnt)
+    exact = dw0.double() + dy.double().t() @ resid.double()
+    # float32 sums of m terms, then one addition: the standard bound (m + 1)·2**-24·Σ|terms|
+    bound = (m + 1) * 2.0**-24 * (dw0.double().abs() + dy.double().abs().t()
+                                  @ resid.double().abs())  # fmt: skip
+    bad = int(((got.double() - exact).abs() > bound).sum())
+    if bad:
+        raise AssertionError(f"{case}: {bad} wgrad entries beyond float32's summation bound")
+    rest = torch.ones(k, dtype=torch.bool, device=dev)
+    rest[cols] = False
+    assert_same_bits(got[:, rest], dw0[:, rest], f"{case}: dW off the outlier columns")

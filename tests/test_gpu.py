@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same_bits, wide_values
+from conftest import COLUMN_CASES, assert_same_bits, check_column_compensation, wide_values
 
 pytestmark = pytest.mark.gpu
 
@@ -246,42 +246,16 @@ def test_fp4linear_triton_matches_reference(preset, occ_granularity, gen):
         assert err < 6e-3, f"{preset}: {name} relative error {err:.2e} (seed {seed})"
 
 
-@pytest.mark.parametrize("case", ["3 channels", "every column", "none"])
+@pytest.mark.parametrize("case", list(COLUMN_CASES))
 def test_occ_column_compensation_on_gpu(case, gen):
-    """The column compensation's kernels on the tensor cores: outlier columns found and packed
-    bit for bit; the forward within one bf16 ulp of the float64 sum and the weight gradient
-    within float32's summation bound, the other columns untouched."""
+    """The column compensation's kernels on the tensor cores (``conftest.check_column_
+    compensation``): outlier columns found and packed bit for bit; the forward within one bf16
+    ulp of the float64 sum and the weight gradient within float32's summation bound."""
     g, seed = gen
-    m, k, n = 1000, 512, 384
-    x = torch.randn(m, k, device="cuda", generator=g)
-    x[:, [3, 200, 201]] *= 30
-    x = x.bfloat16()
-    lo, hi = {"3 channels": (-8.0, 8.0), "every column": (-0.5, 0.5), "none": (-1e4, 1e4)}[case]
-    bounds = [torch.tensor([v], device="cuda") for v in (lo, hi)]
-    _, _, _, resid = kq.quantize_rows(x, "e2m1", lo=bounds[0], hi=bounds[1])
-    w = torch.randn(n, k, device="cuda", generator=g) * 0.05
-    y = torch.randn(m, n, device="cuda", generator=g).bfloat16()
-    dy = torch.randn(m, n, device="cuda", generator=g).bfloat16()
-    order, cnt = kocc.outlier_columns(resid)
-    cols = resid.ne(0).any(0).nonzero().flatten()
-    c = int(cnt)
-    assert c == cols.numel() and torch.equal(order[:c].long(), cols), seed
-    r_c = kocc.gather_columns(resid, order, cnt)
-    want = torch.zeros(m, k, dtype=torch.bfloat16, device="cuda")
-    want[:, :c] = resid[:, cols]
-    _assert_same(r_c, want, f"{case}: packed R", seed)
-    got = kocc.occ_compensate_columns(y, r_c, w, order, cnt).double()
-    exact = y.double() + resid.double() @ w.bfloat16().double().t()
-    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-120))) - 7)
-    assert int(((got - exact).abs() > ulp).sum()) == 0, f"{case}: forward (seed {seed})"
-    dw0 = torch.randn(n, k, device="cuda", generator=g)
-    got = kocc.occ_compensate_columns_wgrad(dw0.clone(), dy, r_c, order, cnt).double()
-    exact = dw0.double() + dy.double().t() @ resid.double()
-    bound = (m + 1) * 2.0**-24 * (dw0.double().abs() + dy.double().abs().t() @ resid.double().abs())
-    assert int(((got - exact).abs() > bound).sum()) == 0, f"{case}: wgrad (seed {seed})"
-    rest = torch.ones(k, dtype=torch.bool, device="cuda")
-    rest[cols] = False
-    assert torch.equal(got[:, rest], dw0.double()[:, rest]), f"{case}: other columns ({seed})"
+    try:
+        check_column_compensation(case, g, 1000, 512, 384)
+    except AssertionError as e:
+        raise AssertionError(f"{e} (seed {seed})") from e
 
 
 def test_stochastic_rounding_unbiased_on_gpu(gen):

@@ -16,7 +16,7 @@ import traceback
 
 import pytest
 import torch
-from conftest import assert_same_bits, wide_values
+from conftest import COLUMN_CASES, assert_same_bits, check_column_compensation, wide_values
 
 CHECKS = [
     "round_to_grid_every_format",
@@ -277,55 +277,10 @@ def check_dge_weight_grad(g):
 
 
 def check_occ_column_compensation(g):
-    """OCC's column compensation (kernels.occ): the outlier columns found and packed bit for
-    bit, and the two products within their roundings of float64 sums, for residuals with
-    outliers in a few channels, in every column, and in none."""
-    from fp4train.kernels import occ as kocc
-    from fp4train.kernels import quantize as kq
-
-    m, k, n = 50, 96, 80
-    w = torch.randn(n, k, generator=g) * 0.05
-    dy = torch.randn(m, n, generator=g).bfloat16()
-    y = torch.randn(m, n, generator=g).bfloat16()
-    x = torch.randn(m, k, generator=g)
-    x[:, [3, 40, 41]] *= 30  # outlier channels
-    x = x.bfloat16()
-    for case, lo, hi in (("3 channels", -8.0, 8.0), ("every column", -0.5, 0.5),
-                         ("none", -1e4, 1e4)):  # fmt: skip
-        _, _, _, resid = kq.quantize_rows(x, "e2m1", lo=torch.tensor([lo]), hi=torch.tensor([hi]))
-        order, cnt = kocc.outlier_columns(resid)
-        cols = resid.ne(0).any(0).nonzero().flatten()
-        c = int(cnt)
-        if c != cols.numel() or not torch.equal(order[:c].long(), cols):
-            raise AssertionError(f"{case}: outlier columns {order[:c].tolist()} vs {cols.tolist()}")
-        r_c = kocc.gather_columns(resid, order, cnt)
-        want = torch.zeros(m, k, dtype=torch.bfloat16)
-        want[:, :c] = resid[:, cols]
-        assert_same_bits(r_c, want, f"{case}: packed R")
-        w_c = kocc.gather_columns(w, order, cnt)
-        want = torch.zeros(n, k, dtype=torch.bfloat16)
-        want[:, :c] = w[:, cols].bfloat16()
-        assert_same_bits(w_c, want, f"{case}: packed W")
-        # forward: y + R·W_bf16ᵀ, float32 sums, one rounding to bf16: within one bf16 ulp
-        got = kocc.occ_compensate_columns(y, r_c, w, order, cnt)
-        exact = y.double() + resid.double() @ w.bfloat16().double().t()
-        ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-120))) - 7)
-        bad = int(((got.double() - exact).abs() > ulp).sum())
-        if bad:
-            raise AssertionError(f"{case}: {bad} forward outputs off by more than one bf16 ulp")
-        # wgrad: dW[:, cols] += dYᵀ·R[:, cols] in float32; the other columns untouched
-        dw0 = torch.randn(n, k, generator=g)
-        got = kocc.occ_compensate_columns_wgrad(dw0.clone(), dy, r_c, order, cnt)
-        exact = dw0.double() + dy.double().t() @ resid.double()
-        # float32 sums of m terms, then one addition: the standard bound (m + 1)·2**-24·Σ|terms|
-        bound = (m + 1) * 2.0**-24 * (dw0.double().abs() + dy.double().abs().t()
-                                      @ resid.double().abs())  # fmt: skip
-        bad = int(((got.double() - exact).abs() > bound).sum())
-        if bad:
-            raise AssertionError(f"{case}: {bad} wgrad entries beyond float32's summation bound")
-        rest = torch.ones(k, dtype=torch.bool)
-        rest[cols] = False
-        assert_same_bits(got[:, rest], dw0[:, rest], f"{case}: dW off the outlier columns")
+    """OCC's column compensation (kernels.occ), for residuals with outliers in a few channels,
+    in every column, and in none: ``conftest.check_column_compensation``."""
+    for case in COLUMN_CASES:
+        check_column_compensation(case, g, 50, 96, 80)
 
 
 def check_linear_matches_reference(g):
