@@ -50,6 +50,19 @@ DY_KNOBS = [  # name, TILE_CONFIG of the quantize pass
 ]
 
 
+def _check_and_time(knob, run, timed, want, keep) -> tuple[bool, float]:
+    """(``run()``'s outputs equal ``want``'s byte for byte where ``keep``, median ms of
+    ``timed``), or (False, NaN) for a configuration this Triton rejects (said, not raised)."""
+    try:
+        got = run()
+        same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                   for a, b, k in zip(got, want, keep, strict=True) if k)  # fmt: skip
+        return same, _median_ms(timed)
+    except Exception as e:
+        print(f"{knob}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return False, float("nan")
+
+
 def sweep() -> list[dict]:
     rows = []
     cfg0 = {es: dict(c) for es, c in kq.ROWBLOCK_CONFIG.items()}
@@ -71,20 +84,13 @@ def sweep() -> list[dict]:
                 kq.ROWBLOCK_CONFIG[es] = dict(cfg0[es], **over)
                 sq, sqt = stores in ("q+qt", "q"), stores in ("q+qt", "qt")
                 nbytes = m * k * (es + sq + sqt)
-                try:
-                    got = kq.quantize_rows(x0, "e2m1", store_q=sq, store_qt=sqt)
-                    kept = [(a, b) for a, b, keep in zip(got[:3], want[:3], (sq, True, sqt),
-                                                         strict=True) if keep]  # fmt: skip
-                    same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-                               if a.dtype != torch.float32 else torch.equal(a, b)
-                               for a, b in kept)  # fmt: skip
-                    ms = _median_ms(
-                        lambda x=x, sq=sq, sqt=sqt: kq.quantize_rows(x(), "e2m1", store_q=sq,
-                                                                     store_qt=sqt)
-                    )  # fmt: skip
-                except Exception as e:  # a configuration this Triton rejects: say so, go on
-                    print(f"{knob}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    same, ms = False, float("nan")
+                same, ms = _check_and_time(
+                    knob, lambda x0=x0, sq=sq, sqt=sqt: kq.quantize_rows(x0, "e2m1", store_q=sq,
+                                                                         store_qt=sqt),
+                    lambda x=x, sq=sq, sqt=sqt: kq.quantize_rows(x(), "e2m1", store_q=sq,
+                                                                 store_qt=sqt),
+                    want, (sq, True, sqt, False),
+                )  # fmt: skip
                 rows.append(dict(
                     operand=f"{name} {m}x{k}", knob=knob, ms=ms,
                     pct_copy=100 * nbytes / ms / 1e6 / copy, same_bits=same,
@@ -110,18 +116,15 @@ def sweep_dy() -> list[dict]:
             for knob, over in DY_KNOBS:
                 kq.TILE_CONFIG.clear()
                 kq.TILE_CONFIG.update(over)
-                try:
-                    got = kq.quantize_rowwise_and_colwise(dy0, "e5m2", "e5m2", s_w, s_x)
-                    same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-                               for a, b in zip(got, want, strict=True))  # fmt: skip
-                    ms = _median_ms(
-                        lambda dy=dy, s_w=s_w, s_x=s_x: kq.quantize_rowwise_and_colwise(
-                            dy(), "e5m2", "e5m2", s_w, s_x
-                        )
-                    )
-                except Exception as e:  # a configuration this Triton rejects: say so, go on
-                    print(f"{knob}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    same, ms = False, float("nan")
+                same, ms = _check_and_time(
+                    knob, lambda dy0=dy0, s_w=s_w, s_x=s_x: kq.quantize_rowwise_and_colwise(
+                        dy0, "e5m2", "e5m2", s_w, s_x
+                    ),
+                    lambda dy=dy, s_w=s_w, s_x=s_x: kq.quantize_rowwise_and_colwise(
+                        dy(), "e5m2", "e5m2", s_w, s_x
+                    ),
+                    want, (True,) * 4,
+                )  # fmt: skip
                 rows.append(dict(
                     operand=f"dY bf16 {m}x{n}", tile=knob, ms=ms,
                     pct_copy=100 * m * n * 4 / ms / 1e6 / copy, same_bits=same,
