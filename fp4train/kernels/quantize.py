@@ -11,17 +11,16 @@ same bits, whatever the hardware cast's rounding. (They match the reference run 
 CUDA, torch computes ``amax / fmt.max`` as ``amax * (1 / fmt.max)``, an ulp off in about half
 of the scales.)
 
-A row-wise-only quantization (X, W: ``quantize_rows``, with or without OCC's clamp) is one launch of
-``_quantize_rowblock_kernel``: a persistent program per SM walks each block of rows twice,
-computing the row amax and scale from memory, then quantizing from L2 into both layouts
-(measured on an H100: 55% of copy bandwidth for a bf16 X and 50% for a float32 W, against 46%
-and 19% for the three launches below; the amax walk alone runs at 65-75%, the quantize walk
-with its two FP8 stores, one transposed, takes the other 60% of the time:
-benchmarks/sweep_rowblock.py). ``ROW_STRATEGY = "resident"`` does it the other way:
-whole rows (K up to 16384) held in registers, read from memory once, only the row-major q
-stored (``_quantize_rows_resident_kernel``), then q_t by an FP8 transpose: 25% more bytes than
-the floor but no L2 re-read and no transposed store inside the rounding loop; the same bits
-(interpreter-tested; its speed is to be measured). dY's two operands take three launches over
+A row-wise-only quantization (X, W: ``quantize_rows``, with or without OCC's clamp) holds
+whole rows (K up to 16384) in registers (``_quantize_rows_resident_kernel``): each row is read
+from memory once, its amax, scale and rounding computed there, the row-major q stored; q_t is
+then an FP8 transpose (``_transpose_kernel``, copy speed). Measured on an H100
+(benchmarks/sweep_rowblock.py): 75% of copy bandwidth for a bf16 X [8192, 4096] (61% at
+K = 11008) and 77% for a float32 W, against 55% and 49% for ``ROW_STRATEGY = "two-walk"``
+(``_quantize_rowblock_kernel``, one launch: a persistent program per SM walks each block of
+rows twice, the amax walk from memory, the quantize walk from L2 with both FP8 stores, one
+transposed; that second walk took 60% of its time). The two give the same bits; rows wider
+than 16384 take the two-walk kernel. dY's two operands take three launches over
 x [M, K]:
 
 1. ``_amax_partials_kernel`` reads x once, tile by tile, and writes partial amaxes: per row of
@@ -565,13 +564,15 @@ def rowblock_config(element_size: int, clamp: bool) -> dict:
     return dict(ROWBLOCK_CONFIG["clamp" if clamp else min(element_size, 4)])
 
 
-# the row-only quantization's strategy: "two-walk" (_quantize_rowblock_kernel: both layouts from
-# one launch that reads each row block twice, the second time from L2) or "resident" (whole
-# rows in registers, read once, row-major store, then an FP8 transpose for q_t; rows up to
-# RESIDENT_MAX_K wide). benchmarks/sweep_rowblock.py times both.
-ROW_STRATEGY = "two-walk"
+# the row-only quantization's strategy: "resident" (whole rows in registers, read once,
+# row-major store, then an FP8 transpose for q_t; rows up to RESIDENT_MAX_K wide) or
+# "two-walk" (_quantize_rowblock_kernel: both layouts from one launch that reads each row block
+# twice, the second time from L2). benchmarks/sweep_rowblock.py times both (H100: resident
+# 75% / 61% / 77% of copy for bf16 X at K = 4096 / 11008 and float32 W, two-walk 55 / 52 / 49%;
+# 4096 elements a program beat 8192 at K = 4096, 70%, and tie wider)
+ROW_STRATEGY = "resident"
 RESIDENT_MAX_K = 16384
-RESIDENT_ELEMENTS = 8192  # elements per program (BLOCK_M whole rows); 8 warps
+RESIDENT_ELEMENTS = 4096  # elements per program (BLOCK_M whole rows, at least one); 8 warps
 
 
 @functools.cache
