@@ -78,6 +78,33 @@ def test_quantize_rows_bit_exact(fmt, shape, dtype, strategy, gen, monkeypatch):
         _assert_same(a, b, f"{fmt} {name}", seed)
 
 
+def test_direct_launches_equal_the_reference(gen):
+    """fp4train.kernels.launch's direct launches (after a first JIT launch per key): aligned,
+    then a misaligned view (a different specialization, which must not reuse the aligned
+    kernel), then aligned again from the cache, and one row (an int equal to 1); dY's three
+    kernels twice. Each equals the reference bit for bit."""
+    from fp4train.kernels import launch as kl
+
+    assert kl.FAST_LAUNCH
+    g, seed = gen
+    base = wide_values(300, 1041, g)
+    aligned, misaligned = base[:, :1040].contiguous(), base[:, 1:]
+    assert misaligned.data_ptr() % 16 != 0
+    for what, x in (("aligned", aligned), ("misaligned", misaligned), ("again", aligned),
+                    ("one row", aligned[:1]), ("misaligned again", misaligned)):  # fmt: skip
+        got = kq.quantize_rows(x, "e2m1", store_q=True, store_qt=True)
+        want = _twin(ref.quantize_rows, x, "e2m1", store_q=True, store_qt=True)
+        for name, a, b in zip(("q", "scale", "q_t"), got[:3], want[:3], strict=True):
+            _assert_same(a, b, f"{what}: {name}", seed)
+    s_w = torch.rand(1040, device="cuda", generator=g) + 0.01
+    s_x = torch.rand(300, device="cuda", generator=g) * 3
+    want = _twin(ref.quantize_rowwise_and_colwise, aligned, "e5m2", "e5m2", s_w, s_x)
+    for i in range(2):
+        got = kq.quantize_rowwise_and_colwise(aligned, "e5m2", "e5m2", s_w, s_x)
+        for name, a, b in zip(("q_row", "s_row", "q_col_t", "s_col"), got, want, strict=True):
+            _assert_same(a, b, f"dY call {i}: {name}", seed)
+
+
 def test_quantize_dy_both_operands_bit_exact(gen):
     g, seed = gen
     dy = wide_values(777, 2064, g)

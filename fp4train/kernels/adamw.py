@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from fp4train import formats
+from fp4train.kernels.launch import launch
 from fp4train.kernels.quantize import (
     _absmax_scale,
     _round_to_grid,
@@ -147,14 +148,14 @@ def adamw_lp_step(
         cm, cr = format_constants("e4m3"), grid_constants("e5m10")
         lerp_w = 1.0 - beta1
         grid = (triton.cdiv(triton.cdiv(n, block_size), _NB),)
-        _adamw_lp_kernel[grid](
-            p.view(-1), g.reshape(-1), m, ms, r, rs, m_new, ms_new, r_new, rs_new, n, lerp_w,
-            beta2, 1.0 - beta2, (1.0 - beta2**step) ** 0.5, eps, 1.0 - lr * weight_decay,
-            -lr / (1.0 - beta1**step), LERP_SMALL=abs(lerp_w) < 0.5,
-            P_BF16=p.dtype == torch.bfloat16, M_FMAX=cm["FMAX"],
-            M_MBITS=cm["MBITS"], M_MIN_EXP=cm["MIN_EXP"], M_EMAX=cm["EMAX"], R_FMAX=cr["FMAX"],
-            R_MBITS=cr["MBITS"], R_MIN_EXP=cr["MIN_EXP"], R_EMAX=cr["EMAX"],
-            R_MIN_SUB=_FP16_MIN_SUB, BLOCK=block_size, NB=_NB, num_warps=4,
+        launch(
+            _adamw_lp_kernel, grid, p.view(-1), g.reshape(-1), m, ms, r, rs, m_new, ms_new, r_new,
+            rs_new, n, lerp_w, beta2, 1.0 - beta2, (1.0 - beta2**step) ** 0.5, eps,
+            1.0 - lr * weight_decay, -lr / (1.0 - beta1**step), LERP_SMALL=abs(lerp_w) < 0.5,
+            P_BF16=p.dtype == torch.bfloat16, M_FMAX=cm["FMAX"], M_MBITS=cm["MBITS"],
+            M_MIN_EXP=cm["MIN_EXP"], M_EMAX=cm["EMAX"], R_FMAX=cr["FMAX"], R_MBITS=cr["MBITS"],
+            R_MIN_EXP=cr["MIN_EXP"], R_EMAX=cr["EMAX"], R_MIN_SUB=_FP16_MIN_SUB, BLOCK=block_size,
+            NB=_NB, num_warps=4,
         )  # fmt: skip
     state["exp_avg"], state["exp_avg_scale"] = m_new, ms_new
     state["sqrt_exp_avg_sq"], state["sqrt_exp_avg_sq_scale"] = r_new, rs_new

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fp4train.kernels import quantize as _q
+from fp4train.kernels.launch import launch
 
 __all__ = ["dge_weight_grad"]
 
@@ -83,23 +84,12 @@ def dge_weight_grad(
     out = _q.empty_output((n, kk), torch.float32, dw.device)
     block_n, block_k = 16, 256
     grid = (triton.cdiv(kk, block_k), triton.cdiv(n, block_n))
-    _dge_weight_grad_kernel[grid](
-        dw.contiguous(),
-        weight.contiguous(),
-        w_scale.reshape(-1).float().contiguous(),
-        out,
-        n,
-        kk,
-        P=float(1.0 / k - 1.0),
-        DGE_K=float(k),
-        CLIP=float(clip),
-        FMAX=c["FMAX"],
-        MBITS=c["MBITS"],
-        MIN_EXP=c["MIN_EXP"],
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=8,
-    )
+    launch(
+        _dge_weight_grad_kernel, grid, dw.contiguous(), weight.contiguous(),
+        w_scale.reshape(-1).float().contiguous(), out, n, kk, P=float(1.0 / k - 1.0),
+        DGE_K=float(k), CLIP=float(clip), FMAX=c["FMAX"], MBITS=c["MBITS"], MIN_EXP=c["MIN_EXP"],
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
+    )  # fmt: skip
     return out
 
 

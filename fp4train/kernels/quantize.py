@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from fp4train import formats
+from fp4train.kernels.launch import launch
 
 __all__ = [
     "quantize_rows",
@@ -338,6 +339,7 @@ def _quantize_tile_kernel(
     M,
     Mp,
     K,
+    seed,  # Philox seed of the row-scaled operand (SR1); seed + 1 for the column-scaled one
     HAS_COLMUL: tl.constexpr,
     STORE_Q: tl.constexpr,
     FMAX: tl.constexpr,
@@ -348,7 +350,6 @@ def _quantize_tile_kernel(
     MBITS2: tl.constexpr,
     MIN_EXP2: tl.constexpr,
     EMAX2: tl.constexpr,
-    seed,  # Philox seed of the row-scaled operand (SR1); seed + 1 for the column-scaled one
     SR1: tl.constexpr,  # stochastic rounding of the row-scaled operand
     SR2: tl.constexpr,  # ... of the column-scaled operand
     BLOCK_M: tl.constexpr,
@@ -442,6 +443,7 @@ def _quantize_rowblock_kernel(
     M,
     Mp,
     K,
+    seed,  # Philox seed (SR)
     HAS_COLMUL: tl.constexpr,
     CLAMP: tl.constexpr,
     CLAMP_PER_ROW: tl.constexpr,
@@ -451,7 +453,6 @@ def _quantize_rowblock_kernel(
     MBITS: tl.constexpr,
     MIN_EXP: tl.constexpr,
     EMAX: tl.constexpr,
-    seed,
     SR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -491,6 +492,7 @@ def _quantize_rows_resident_kernel(
     M,
     Mp,
     K,
+    seed,  # Philox seed (SR)
     HAS_COLMUL: tl.constexpr,
     CLAMP: tl.constexpr,
     CLAMP_PER_ROW: tl.constexpr,
@@ -498,7 +500,6 @@ def _quantize_rows_resident_kernel(
     MBITS: tl.constexpr,
     MIN_EXP: tl.constexpr,
     EMAX: tl.constexpr,
-    seed,
     SR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a power of two >= K: whole rows in registers
@@ -539,8 +540,10 @@ def transpose_bytes(src: torch.Tensor, dst: torch.Tensor) -> None:
     r, c = src.shape
     if r and c:
         grid = (triton.cdiv(r, 64), triton.cdiv(c, 64))
-        _transpose_kernel[grid](src.view(torch.uint8), dst.view(torch.uint8), r, c, BLOCK_R=64,
-                                BLOCK_C=64, num_warps=4)  # fmt: skip
+        launch(
+            _transpose_kernel, grid, src.view(torch.uint8), dst.view(torch.uint8), r, c,
+            BLOCK_R=64, BLOCK_C=64, num_warps=4,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -669,24 +672,24 @@ def _quantize(
             block_k = triton.next_power_of_2(k)
             block_m = max(1, RESIDENT_ELEMENTS // block_k)
             q_rows = q if rows and store_q else empty_output((mp, k), fp8, dev)
-            _quantize_rows_resident_kernel[(triton.cdiv(mp, block_m),)](
-                x, x.stride(0), colmul, lo_, hi_, s_row, q_rows, resid if clamp else q_rows, m,
-                mp, k, HAS_COLMUL=col_scale is not None, CLAMP=clamp, CLAMP_PER_ROW=per_row,
-                **format_constants(row_fmt), seed=seed, SR=sr_row, BLOCK_M=block_m,
-                BLOCK_K=block_k, num_warps=8,
+            launch(
+                _quantize_rows_resident_kernel, (triton.cdiv(mp, block_m),), x, x.stride(0),
+                colmul, lo_, hi_, s_row, q_rows, resid if clamp else q_rows, m, mp, k, seed,
+                HAS_COLMUL=col_scale is not None, CLAMP=clamp, CLAMP_PER_ROW=per_row,
+                **format_constants(row_fmt), SR=sr_row, BLOCK_M=block_m, BLOCK_K=block_k,
+                num_warps=8,
             )  # fmt: skip
             if rows and store_qt:
                 transpose_bytes(q_rows, q_t)
         else:
             cfg = rowblock_config(x.element_size(), clamp)
             progs = _rowblock_programs(triton.cdiv(mp, cfg["BLOCK_M"]), cfg.pop("PER_SM"), dev)
-            _quantize_rowblock_kernel[(progs,)](
-                x, x.stride(0), colmul, lo_, hi_, s_row,
+            launch(
+                _quantize_rowblock_kernel, (progs,), x, x.stride(0), colmul, lo_, hi_, s_row,
                 q if rows and store_q else q_t, q_t if rows and store_qt else q,
-                resid if clamp else q, m, mp, k, HAS_COLMUL=col_scale is not None,
+                resid if clamp else q, m, mp, k, seed, HAS_COLMUL=col_scale is not None,
                 CLAMP=clamp, CLAMP_PER_ROW=per_row, STORE_Q=rows and store_q,
-                STORE_QT=rows and store_qt, **format_constants(row_fmt), seed=seed,
-                SR=rows and sr_row, **cfg,
+                STORE_QT=rows and store_qt, **format_constants(row_fmt), SR=rows and sr_row, **cfg,
             )  # fmt: skip
         # outputs never alias one another (a custom-op rule)
         return q, s_row, q_t, None, None, resid
@@ -711,26 +714,25 @@ def _quantize(
     ).split([n_s, k, n_rp, n_mt * k])
     dummy = rpart
     has_colmul = col_scale is not None
-    _amax_partials_kernel[(n_kt, n_mt)](
-        x, x.stride(0), col_scale if has_colmul else dummy, row_scale, rpart, cpart, m, k,
-        n_kt, HAS_COLMUL=has_colmul, ROW_AMAX=rows, **a,
+    launch(
+        _amax_partials_kernel, (n_kt, n_mt), x, x.stride(0), col_scale if has_colmul else dummy,
+        row_scale, rpart, cpart, m, k, n_kt, HAS_COLMUL=has_colmul, ROW_AMAX=rows, **a,
     )  # fmt: skip
     block = 256
     n_progs = (triton.cdiv(mp, block) if rows else 0) + triton.cdiv(k, block)
-    _scales_kernel[(n_progs,)](
-        rpart, cpart, s_row if rows else dummy, r_row if rows else dummy, s_col, r_col, m, mp,
-        k, n_kt, n_mt, ROW_AMAX=rows, FMAX_ROW=c1["FMAX"], FMAX_COL=c2["FMAX"], BLOCK=block,
-        PARTS=16, num_warps=4,
+    launch(
+        _scales_kernel, (n_progs,), rpart, cpart, s_row if rows else dummy,
+        r_row if rows else dummy, s_col, r_col, m, mp, k, n_kt, n_mt, ROW_AMAX=rows,
+        FMAX_ROW=c1["FMAX"], FMAX_COL=c2["FMAX"], BLOCK=block, PARTS=16, num_warps=4,
     )  # fmt: skip
     t = TILE_CONFIG
     grid = (triton.cdiv(k, t["BLOCK_K"]), triton.cdiv(mp, t["BLOCK_M"]))
-    _quantize_tile_kernel[grid](
-        x, x.stride(0), col_scale if has_colmul else dummy, row_scale,
+    launch(
+        _quantize_tile_kernel, grid, x, x.stride(0), col_scale if has_colmul else dummy, row_scale,
         s_row if rows else dummy, r_row if rows else dummy, s_col, r_col,
-        q if rows and store_q else q2_t, q2_t, m, mp, k, HAS_COLMUL=has_colmul,
+        q if rows and store_q else q2_t, q2_t, m, mp, k, seed, HAS_COLMUL=has_colmul,
         STORE_Q=rows and store_q, **c1, FMAX2=c2["FMAX"], MBITS2=c2["MBITS"],
-        MIN_EXP2=c2["MIN_EXP"], EMAX2=c2["EMAX"], seed=seed, SR1=rows and sr_row, SR2=sr_col,
-        **t,
+        MIN_EXP2=c2["MIN_EXP"], EMAX2=c2["EMAX"], SR1=rows and sr_row, SR2=sr_col, **t,
     )  # fmt: skip
     return q, s_row, q_t, q2_t, s_col, None
 
