@@ -89,6 +89,8 @@ def check_column_compensation(case: str, gen: torch.Generator, m: int, k: int, n
         want = torch.zeros(src.shape, dtype=torch.bfloat16, device=dev)
         want[:, :c] = src[:, cols].bfloat16()
         assert_same_bits(packed, want, f"{case}: packed {what}")
+        lean = kocc.gather_columns(src, order, cnt, zero_rest=False)  # only the first c written
+        assert_same_bits(lean[:, :c], want[:, :c], f"{case}: packed {what}, zero_rest=False")
     # forward: y + R·W_bf16ᵀ, float32 sums of k + 1 terms (float32's bound (k + 1)·2**-24·Σ|terms|,
     # in any order), then one rounding to bf16 (half an ulp of a value within that bound:
     # at most one ulp of the exact sum)

@@ -108,21 +108,23 @@ def _amax_case():
 def _gather_case(dtype: str):
     sig = dict(src_ptr=f"*{dtype}", stride_s="i32", order_ptr="*i32", n_ptr="*i32",
                dst_ptr="*bf16", R="i32", K="i32")  # fmt: skip
-    return kocc._gather_columns_kernel, sig, dict(BLOCK_R=32, BLOCK_C=128), 4
+    return kocc._gather_columns_kernel, sig, dict(BLOCK_R=32, BLOCK_C=128, ZERO_REST=True), 4
 
 
 def _compensate_case():
     sig = dict(y_ptr="*bf16", stride_y="i32", r_ptr="*bf16", w_ptr="*bf16", n_ptr="*i32",
                out_ptr="*bf16", M="i32", N="i32", K="i32")  # fmt: skip
-    ce = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, UPCAST=False)
-    return kocc._compensate_columns_kernel, sig, ce, 8
+    cfg = dict(kocc.COLUMNS_FWD_CONFIG)
+    warps = cfg.pop("num_warps")
+    return kocc._compensate_columns_kernel, sig, dict(UPCAST=False, **cfg), warps
 
 
 def _compensate_wgrad_case():
     sig = dict(dw_ptr="*fp32", dy_ptr="*bf16", r_ptr="*bf16", order_ptr="*i32", n_ptr="*i32",
                M="i32", N="i32", K="i32")  # fmt: skip
-    ce = dict(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, UPCAST=False)
-    return kocc._compensate_columns_wgrad_kernel, sig, ce, 8
+    cfg = dict(kocc.COLUMNS_WGRAD_CONFIG)
+    warps = cfg.pop("num_warps")
+    return kocc._compensate_columns_wgrad_kernel, sig, dict(UPCAST=False, **cfg), warps
 
 
 def _scales_case():

@@ -203,7 +203,7 @@ def linear_forward(
     if occ is not None and occ.compensate:
         if occ.compensation == "columns":  # R packed to its outlier columns, first n of order
             order, n_cols = outlier_columns(resid)
-            r = gather_columns(resid, order, n_cols)
+            r = gather_columns(resid, order, n_cols, zero_rest=recipe.act_save is not None)
             y = occ_compensate_columns(y, r, weight, order, n_cols)
         else:
             r = resid  # Y += R·Wᵀ, a dense bf16 GEMM with float32 accumulation

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from fp4train import occ as _occ
 from fp4train.kernels import quantize as _q
+from fp4train.kernels.launch import launch
 
 __all__ = [
     "occ_thresholds",
@@ -172,12 +173,13 @@ def occ_thresholds(
     lo = _q.empty_output(g, torch.float32, dev)
     hi = _q.empty_output(g, torch.float32, dev)
     grid = (triton.cdiv(n, _CHUNK), g)
-    _hist_high_kernel[grid](v, n, hist_high, CHUNK=_CHUNK, num_warps=8)
-    _select_high_kernel[(g,)](
-        hist_high, state, _occ._rank(1 - alpha, n), _occ._rank(alpha, n), num_warps=1
-    )
-    _hist_low_kernel[grid](v, n, state, hist_low, CHUNK=_CHUNK, num_warps=8)
-    _select_low_kernel[(g,)](hist_low, state, lo, hi, num_warps=1)
+    launch(_hist_high_kernel, grid, v, n, hist_high, CHUNK=_CHUNK, num_warps=8)
+    launch(
+        _select_high_kernel, (g,), hist_high, state, _occ._rank(1 - alpha, n),
+        _occ._rank(alpha, n), num_warps=1,
+    )  # fmt: skip
+    launch(_hist_low_kernel, grid, v, n, state, hist_low, CHUNK=_CHUNK, num_warps=8)
+    launch(_select_low_kernel, (g,), hist_low, state, lo, hi, num_warps=1)
     return lo, hi
 
 
@@ -221,6 +223,7 @@ def _gather_columns_kernel(
     K,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ZERO_REST: tl.constexpr,  # write zeros after the first n columns (else leave them)
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -230,27 +233,41 @@ def _gather_columns_kernel(
     rmask = (rows < R)[:, None]
     v = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_s + idx[None, :],
                 mask=rmask & take[None, :], other=0.0)  # fmt: skip
+    write = (cols < K) if ZERO_REST else take
     tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-             _q._to_bf16_rne(v.to(tl.float32)), mask=rmask & (cols < K)[None, :])  # fmt: skip
+             _q._to_bf16_rne(v.to(tl.float32)), mask=rmask & write[None, :])  # fmt: skip
 
 
 @_q.custom_op("fp4train::gather_columns")
-def gather_columns(src: torch.Tensor, order: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+def gather_columns(
+    src: torch.Tensor, order: torch.Tensor, n: torch.Tensor, zero_rest: bool = True
+) -> torch.Tensor:
     """[R, K] bf16 whose first n columns are ``src[:, order[:n]]`` (rounded to bf16 to nearest
-    even, as ``.to(torch.bfloat16)``) and the rest zero; ``src`` [R, K] bf16 or float32 (W)."""
+    even, as ``.to(torch.bfloat16)``) and the rest zero (``zero_rest``; else left unwritten,
+    for a consumer that reads only the first n: the full-width write is as long as the
+    gather); ``src`` [R, K] bf16 or float32 (W)."""
     _q._check_2d(src, "src")
     r, k = src.shape
     dst = _q.empty_output((r, k), torch.bfloat16, src.device)
     if r and k:
         grid = (triton.cdiv(r, 32), triton.cdiv(k, 128))
-        _gather_columns_kernel[grid](src, src.stride(0), order, n, dst, r, k, BLOCK_R=32,
-                                     BLOCK_C=128, num_warps=4)  # fmt: skip
+        launch(
+            _gather_columns_kernel, grid, src, src.stride(0), order, n, dst, r, k, BLOCK_R=32,
+            BLOCK_C=128, ZERO_REST=zero_rest, num_warps=4,
+        )  # fmt: skip
     return dst
 
 
 @gather_columns.op.register_fake
-def _(src, order, n):
+def _(src, order, n, zero_rest=True):
     return src.new_empty(src.shape, dtype=torch.bfloat16)
+
+
+# launch configurations of the two products (benchmarks/sweep_columns.py, H100, 8192 x 4096
+# x 4096 with 122 outlier columns: fwd 0.124 ms against 0.142 for 128x128x32 w8, wgrad 0.155
+# against 0.203 for 128x64x64 w8, whose 64 programs left half the SMs idle)
+COLUMNS_FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4)
+COLUMNS_WGRAD_CONFIG = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_M=128, num_warps=4)
 
 
 @triton.jit
@@ -306,13 +323,15 @@ def occ_compensate_columns(
     accumulation, one rounding to bf16. Work proportional to n."""
     m, nn = y.shape
     k = r_c.shape[1]
-    w_c = gather_columns(weight, order, n)
+    w_c = gather_columns(weight, order, n, zero_rest=False)
     out = _q.empty_output((m, nn), torch.bfloat16, y.device)
     if m and nn:
-        grid = (triton.cdiv(m, 128), triton.cdiv(nn, 128))
-        _compensate_columns_kernel[grid](y, y.stride(0), r_c, w_c, n, out, m, nn, k,
-                                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=32,
-                                         UPCAST=y.device.type != "cuda", num_warps=8)  # fmt: skip
+        c = COLUMNS_FWD_CONFIG
+        grid = (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(nn, c["BLOCK_N"]))
+        launch(
+            _compensate_columns_kernel, grid, y, y.stride(0), r_c, w_c, n, out, m, nn, k,
+            UPCAST=y.device.type != "cuda", **c,
+        )  # fmt: skip
     return out
 
 
@@ -363,11 +382,12 @@ def _compensate_columns_wgrad(
     m, nn = dy.shape
     k = r_c.shape[1]
     if m and nn:
-        grid = (triton.cdiv(nn, 128), triton.cdiv(k, 64))
-        _compensate_columns_wgrad_kernel[grid](dw, dy, r_c, order, n, m, nn, k, BLOCK_N=128,
-                                               BLOCK_K=64, BLOCK_M=64,
-                                               UPCAST=dy.device.type != "cuda",
-                                               num_warps=8)  # fmt: skip
+        c = COLUMNS_WGRAD_CONFIG
+        grid = (triton.cdiv(nn, c["BLOCK_N"]), triton.cdiv(k, c["BLOCK_K"]))
+        launch(
+            _compensate_columns_wgrad_kernel, grid, dw, dy, r_c, order, n, m, nn, k,
+            UPCAST=dy.device.type != "cuda", **c,
+        )  # fmt: skip
 
 
 @_compensate_columns_wgrad.op.register_fake
