@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
 from collections.abc import Callable
 
@@ -71,6 +72,12 @@ def _median_ms_graphed(fn: Callable[[], object]) -> float:
     except Exception:  # capture fails on host syncs; the caller reports NaN, not a crash
         torch.cuda.synchronize()
         return float("nan")
+
+
+def _gpu_ms(fn: Callable[[], object]) -> float:
+    """GPU time of ``fn``: replayed from a CUDA graph, or launched eagerly if capture fails."""
+    ms = _median_ms_graphed(fn)
+    return _median_ms(fn) if math.isnan(ms) else ms
 
 
 def _rotating(make: Callable[[], torch.Tensor], n: int) -> Callable[[], torch.Tensor]:
@@ -172,7 +179,9 @@ def _copy_gbps(nbytes: int) -> float:
 
 def bench_quant(m: int = 8192, k: int = 4096, n: int = 4096) -> list[dict]:
     """Bandwidth of each quantize kernel at an [m, k] activation / [n, k] weight / [m, n] dY,
-    as a fraction of a same-size device copy's (bytes read + written)."""
+    as a fraction of a same-size device copy's (bytes read + written). ``ms`` is the GPU time,
+    replayed from a CUDA graph (a kernel's bandwidth, without the host's launch time, which on
+    a slow host exceeds a small kernel's); ``eager_ms`` the same calls launched one by one."""
     from fp4train.kernels import dge as kdge
     from fp4train.kernels import occ as kocc
     from fp4train.kernels import quantize as kq
@@ -197,7 +206,7 @@ def bench_quant(m: int = 8192, k: int = 4096, n: int = 4096) -> list[dict]:
         (
             "X bf16 -> e2m1 per row, both layouts, OCC clamp",
             lambda: kq.quantize_rows(x(), "e2m1", lo=lo, hi=hi, store_qt=True),
-            m * k * (2 + 2) + 4 * m + 4 * k,
+            m * k * (2 + 2 + 2) + 4 * m,  # and the bf16 residual R
         ),
         (
             "W fp32 -> e2m1 per row, both layouts",
@@ -228,20 +237,23 @@ def bench_quant(m: int = 8192, k: int = 4096, n: int = 4096) -> list[dict]:
             ms=2 * m * k * 2 / copy / 1e6,
             gbps=copy,
             pct_copy=100.0,
+            eager_ms=float("nan"),
         )
     ]
     for name, fn, nbytes in cases:
-        ms = _median_ms(fn)
+        eager = _median_ms(fn)
+        ms = _gpu_ms(fn)
         gbps = nbytes / ms / 1e6
-        rows.append(dict(kernel=name, ms=ms, gbps=gbps, pct_copy=100 * gbps / copy))
+        rows.append(dict(kernel=name, ms=ms, gbps=gbps, pct_copy=100 * gbps / copy, eager_ms=eager))
     return rows
 
 
 def profile_linear(
     k: int = 4096, n: int = 4096, m: int = 8192, recipe: str = "fp4-dge"
 ) -> list[dict]:
-    """Time of each kernel of one FP4Linear fwd+bwd (triton backend), run one by one, and the
-    host (Python + launch) time of a whole fwd+bwd on a tiny layer, where the GPU idles.
+    """GPU time of each kernel of one FP4Linear fwd+bwd (triton backend), each replayed from a
+    CUDA graph, and the host (Python + launch) time of a whole fwd+bwd on a tiny layer, where
+    the GPU idles.
     ``recipe``: a spec as for :func:`bench_linear` (overrides, ``+chan``)."""
     from fp4train.kernels import dge as kdge
     from fp4train.kernels import linear as klin
@@ -283,7 +295,8 @@ def profile_linear(
             r_c = kocc.gather_columns(resid, order, cnt)
             steps += [
                 ("OCC outlier columns + pack R",
-                 lambda: kocc.gather_columns(resid, *kocc.outlier_columns(resid))),
+                 lambda: kocc.gather_columns(resid, *kocc.outlier_columns(resid),
+                                             zero_rest=r.act_save is not None)),
                 (f"OCC fwd compensation ({int(cnt)}/{k} columns)",
                  lambda: kocc.occ_compensate_columns(y, r_c, w, order, cnt)),
                 ("OCC wgrad compensation (columns)",
@@ -304,7 +317,7 @@ def profile_linear(
     ]  # fmt: skip
     if r.dge is not None:
         steps.append(("DGE pass", lambda: kdge.dge_weight_grad(dw32, w, s_w, fw, 5.0, 3.0)))
-    rows = [dict(step=name, ms=_median_ms(fn)) for name, fn in steps]
+    rows = [dict(step=name, ms=_gpu_ms(fn)) for name, fn in steps]
     total = sum(r_["ms"] for r_ in rows)
     for r_ in rows:
         r_["pct"] = 100 * r_["ms"] / total
