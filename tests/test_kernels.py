@@ -39,6 +39,7 @@ CHECKS = [
     "linear_stochastic_recipe",
     "adamw_lp_fused_matches_eager",
     "rejects_bad_input",
+    "launch_checks_its_call",
 ]
 
 
@@ -285,7 +286,9 @@ def check_occ_column_compensation(g):
 
 def check_linear_matches_reference(g):
     from fp4train import kernels
+    from fp4train import occ as _occ
     from fp4train.linear import reference_backward, reference_forward
+    from fp4train.quantize import quantize
     from fp4train.recipe import Recipe
 
     x = torch.randn(50, 64, generator=g)
@@ -305,11 +308,20 @@ def check_linear_matches_reference(g):
         dx, dw = kernels.linear_backward(saved, dy, w, recipe, True, True)
         y_r, saved_r = reference_forward(x, w, recipe)
         dx_r, dw_r = reference_backward(saved_r, dy, w, recipe, True, True)
+        # act_save: the kernels quantize R to E4M3 from its bf16 copy, the reference from the
+        # float32 R; where the two roundings differ (ΔR), dW moves by dYᵀ·ΔR on top
+        slack = 0.0
+        if recipe.act_save == "e4m3":
+            _, res = _occ.clamp_outliers(x.float(), recipe.occ.alpha, recipe.occ.granularity)
+            r32 = res.to_dense()
+            d_r = (quantize(r32.bfloat16().float(), "e4m3", "row").dequantize()
+                   - quantize(r32, "e4m3", "row").dequantize())  # fmt: skip
+            slack = ((dy.float().t() @ d_r).norm() / dw_r.norm()).item()
         for what, a, b in (("y", y, y_r), ("dx", dx, dx_r), ("dw", dw, dw_r)):
             err = ((a.float() - b.float()).norm() / b.float().norm()).item()
             # same quantized operands; outputs rounded to bf16 (2**-9) once more
-            if not err < 5e-3:
-                raise AssertionError(f"{name} {what}: relative error {err:.2e}")
+            if not err < 5e-3 + (slack if what == "dw" else 0.0):
+                raise AssertionError(f"{name} {what}: relative error {err:.2e} (slack {slack:.2e})")
 
 
 def check_linear_act_save_requantizes_w(g):
@@ -465,6 +477,24 @@ def check_linear_stochastic_recipe(g):
     # one draw is noisier than nearest; the mean of n unbiased draws is closer than nearest
     if not e_mean < e_near:
         raise AssertionError(f"mean of {n} draws error {e_mean:.3g} >= nearest {e_near:.3g}")
+
+
+def check_launch_checks_its_call(g):
+    """launch() under the interpreter runs the kernel as the JIT would, and refuses a runtime
+    argument passed by keyword (a direct launch would key its cache on the value)."""
+    from fp4train.kernels import quantize as kq
+    from fp4train.kernels.launch import launch
+
+    src = torch.randint(0, 256, (37, 70), dtype=torch.uint8, generator=g)
+    dst = torch.zeros(70, 37, dtype=torch.uint8)
+    launch(kq._transpose_kernel, (1, 2), src, dst, 37, 70, BLOCK_R=64, BLOCK_C=64, num_warps=4)
+    assert torch.equal(dst, src.t())
+    try:
+        launch(kq._transpose_kernel, (1, 2), src, dst, 37, C=70, BLOCK_R=64, BLOCK_C=64)
+    except TypeError as e:
+        assert "'C' positionally" in str(e), e
+    else:
+        raise AssertionError("a runtime argument by keyword was accepted")
 
 
 def check_rejects_bad_input(g):
