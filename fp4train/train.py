@@ -388,12 +388,16 @@ def _restore(
             f"but this run builds {model_config.to_dict()}"
         )
     # the name is a label; grad_comm only changes how gradients travel (a run with FP8
-    # gradient communication may resume on one process, which has nothing to communicate)
-    mine = recipe.to_dict()
+    # gradient communication may resume on one process, which has nothing to communicate) and
+    # fast_accum how the GEMMs sum. Fields newer than the checkpoint take their defaults.
+    try:
+        theirs = Recipe.from_dict(ckpt["recipe"]).to_dict()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} holds an invalid recipe: {e}") from e
     differ = [
-        f"{k} {ckpt['recipe'].get(k)!r} vs {v!r}"
-        for k, v in mine.items()
-        if k not in ("name", "grad_comm") and ckpt["recipe"].get(k) != v
+        f"{k} {theirs.get(k)!r} vs {v!r}"
+        for k, v in recipe.to_dict().items()
+        if k not in ("name", "grad_comm", "fast_accum") and theirs.get(k) != v
     ]
     if differ:
         raise CheckpointError(

@@ -239,20 +239,40 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_scaled_mm_rowwise_accumulation(fast, gen):
+    """float32 GEMM outputs of E2M1-valued E4M3 x E5M2 operands at K = 4096 against float64
+    sums: float32 accumulation within 1e-6 (relative Frobenius); ``fast_accum`` within 1e-2
+    (the DeepSeek-V3 report measures up to 2% on single elements at this K)."""
+    g, seed = gen
+    k = 4096
+    a = (torch.randn(256, k, device="cuda", generator=g) * 1000).to(torch.float8_e5m2)
+    _, _, b_t, _ = kq.quantize_rows(torch.randn(k, 512, device="cuda", generator=g), "e2m1",
+                                    store_q=False, store_qt=True)  # fmt: skip
+    sa = torch.rand(256, device="cuda", generator=g) + 0.5
+    got = scaled_mm_rowwise(a, b_t, sa, None, torch.float32, fast).double()
+    want = (a.double() * sa.double()[:, None]) @ b_t.double().t()
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < (1e-2 if fast else 1e-6), f"fast={fast}: relative error {err:.2e} (seed {seed})"
+
+
 @pytest.mark.parametrize(
-    "preset", ["fp8", "fp4-direct", "fp4-dge", "fp4-occ", "fp4-paper", "fp4-paper columns"]
+    "preset",
+    ["fp8", "fp4-direct", "fp4-dge", "fp4-occ", "fp4-paper", "fp4-paper columns", "fp4-dge fast"],
 )
 @pytest.mark.parametrize("occ_granularity", ["tensor", "row"])
 def test_fp4linear_triton_matches_reference(preset, occ_granularity, gen):
     g, seed = gen
-    name, _, columns = preset.partition(" ")
+    name, _, variant = preset.partition(" ")
     recipe = Recipe.preset(name)
     if recipe.occ is None and occ_granularity == "row":
         pytest.skip("no OCC in this preset")
     if recipe.occ is not None:
         recipe = recipe.replace(**{"occ.granularity": occ_granularity})
-    if columns:  # the compensation over the 8 outlier channels only
+    if variant == "columns":  # the compensation over the 8 outlier channels only
         recipe = recipe.replace(**{"occ.compensation": "columns"})
+    if variant == "fast":  # fast accumulation: the reference sums in float32
+        recipe = recipe.replace(fast_accum=True)
     x = torch.randn(3, 333, 512, device="cuda", generator=g)
     x[..., :8] *= 25
     x = x.bfloat16()
@@ -270,7 +290,8 @@ def test_fp4linear_triton_matches_reference(preset, occ_granularity, gen):
     for name, t, r in zip(("y", "dx", "dw", "db"), out["triton"], out["reference"], strict=True):
         assert t.dtype == r.dtype and t.shape == r.shape
         err = _rel(t, r)
-        assert err < 6e-3, f"{preset}: {name} relative error {err:.2e} (seed {seed})"
+        bound = 1e-2 if variant == "fast" else 6e-3
+        assert err < bound, f"{preset}: {name} relative error {err:.2e} (seed {seed})"
 
 
 @pytest.mark.parametrize("case", list(COLUMN_CASES))

@@ -188,6 +188,7 @@ def test_with_overrides_parses_values():
             "fwd_x.format=e4m3",
             "backend=reference",
             "quantize_lm_head=true",
+            "fast_accum=true",
             "occ.compensate=false",
             "rounding=stochastic",
             "name=a=b",
@@ -196,7 +197,7 @@ def test_with_overrides_parses_values():
     assert r.dge.k == 3 and isinstance(r.dge.k, int)
     assert r.occ.alpha == 0.999 and r.occ.compensate is False
     assert r.fwd_x.format == "e4m3" and r.fwd_x.rounding == "stochastic"
-    assert r.backend == "reference" and r.quantize_lm_head is True
+    assert r.backend == "reference" and r.quantize_lm_head is True and r.fast_accum is True
     assert r.name == "a=b"
 
 
@@ -226,6 +227,7 @@ BAD = [
     ("fp4-paper", {"compute_dtype": "float8"}, "'compute_dtype'"),
     ("fp4-paper", {"nonfinite": "ignore"}, "'nonfinite'"),
     ("fp4-paper", {"quantize_lm_head": "yes"}, "'quantize_lm_head'"),
+    ("fp4-paper", {"fast_accum": 1}, "'fast_accum'"),
     ("fp4-paper", {"name": 3}, "'name'"),
     ("fp4-paper", {"fwd_x.format": "fp4"}, "'fwd_x.format'"),
     ("fp4-paper", {"fwd_w.format": "e9m1"}, "'fwd_w.format'"),

@@ -277,6 +277,24 @@ def test_act_save_recipe_trains_close_to_the_default(micro, tmp_path):
         train(_cfg(micro, out, recipe="fp4-paper", max_steps=6, resume=True))
 
 
+def test_resume_takes_an_older_recipe_and_another_accumulation(micro, tmp_path):
+    """A checkpoint whose recipe predates ``fast_accum`` and ``occ.compensation`` resumes
+    (the missing fields take their defaults), also with ``fast_accum`` switched on (how the
+    GEMMs sum, like grad_comm, not what the weights are); a real difference is still refused."""
+    out = tmp_path / "run"
+    train(_cfg(micro, out, recipe="fp4-paper", max_steps=4))
+    latest = out / "checkpoints" / "latest.pt"
+    ckpt = torch.load(latest, map_location="cpu", weights_only=True)
+    del ckpt["recipe"]["fast_accum"], ckpt["recipe"]["occ"]["compensation"]
+    torch.save(ckpt, latest)
+    resumed = train(_cfg(micro, out, recipe="fp4-paper[fast_accum=true]", max_steps=6,
+                         resume=True))  # fmt: skip
+    assert math.isfinite(resumed["val_loss"])
+    assert [x[0] for x in _losses(out)][-2:] == [5, 6]
+    with pytest.raises(CheckpointError, match="differ in occ"):
+        train(_cfg(micro, out, recipe="fp4-dge", max_steps=8, resume=True))
+
+
 @pytest.mark.slow
 def test_compiled_training_follows_eager(micro, tmp_path):
     """``--compile`` (each block compiled by Inductor: C++ on the CPU, ~1 min) trains as eager

@@ -116,8 +116,10 @@ def scaled_mm_rowwise(
     scale_a: torch.Tensor,
     scale_b: torch.Tensor | None,
     out_dtype: torch.dtype = torch.bfloat16,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
-    """``diag(scale_a) · a · b_tᵀ · diag(scale_b)`` on FP8 tensor cores, float32 accumulation.
+    """``diag(scale_a) · a · b_tᵀ · diag(scale_b)`` on FP8 tensor cores, float32 accumulation
+    (``fast_accum``: the tensor cores' faster, less precise accumulation).
 
     a [M, R] fp8 row-major, b_t [N, R] fp8 row-major (the B operand transposed), scale_a [M],
     scale_b [N] float32 (None: ones); returns [M, N] in ``out_dtype`` (bf16 or float32). A
@@ -133,11 +135,12 @@ def scaled_mm_rowwise(
         scale_a=scale_a.reshape(-1, 1),
         scale_b=sb.reshape(1, -1),
         out_dtype=out_dtype,
+        use_fast_accum=fast_accum,
     )
 
 
 @scaled_mm_rowwise.op.register_fake
-def _(a, b_t, scale_a, scale_b, out_dtype=torch.bfloat16):
+def _(a, b_t, scale_a, scale_b, out_dtype=torch.bfloat16, fast_accum=False):
     return a.new_empty((a.shape[0], b_t.shape[0]), dtype=out_dtype)
 
 
@@ -198,7 +201,8 @@ def linear_forward(
         seed=seed + 2,
     )  # fmt: skip
     # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
-    y = scaled_mm_rowwise(q_x, q_w, s_x, s_w)[:m]
+    fast = recipe.fast_accum
+    y = scaled_mm_rowwise(q_x, q_w, s_x, s_w, torch.bfloat16, fast)[:m]
     r = s_r = order = n_cols = None
     if occ is not None and occ.compensate:
         if occ.compensation == "columns":  # R packed to its outlier columns, first n of order
@@ -255,10 +259,10 @@ def linear_backward(
                 weight, recipe.fwd_w.format, store_q=False, store_qt=True
             )
         # dgrad: dX = (q_dy·s_dy) · q_w   [Mp,N] @ [N,K] -> [Mp,K]
-        dx = scaled_mm_rowwise(q_dy, q_w_t, s_dy, None)[:m]
+        dx = scaled_mm_rowwise(q_dy, q_w_t, s_dy, None, torch.bfloat16, recipe.fast_accum)[:m]
     if need_dw:
         # wgrad: dW = (q_dy2·s_dy2)ᵀ · q_x   [N,Mp] @ [Mp,K] -> [N,K]
-        dw = scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32)
+        dw = scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32, recipe.fast_accum)
         if r is not None:
             if s_r is not None:  # E4M3 R (act_save): dequantized in float32, then bf16
                 r = (r[:m].float() * s_r[:m, None]).to(torch.bfloat16)
