@@ -239,21 +239,29 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_scaled_mm_rowwise_accumulation(fast, gen):
+def test_scaled_mm_rowwise_accumulation(gen):
     """float32 GEMM outputs of E2M1-valued E4M3 x E5M2 operands at K = 4096 against float64
-    sums: float32 accumulation within 1e-6 (relative Frobenius); ``fast_accum`` within 1e-2
-    (the DeepSeek-V3 report measures up to 2% on single elements at this K)."""
+    sums: elementwise within float32's summation bound K·2**-24·(|A|·|B|) without
+    ``fast_accum``; within 1e-2 relative (Frobenius) with it (the DeepSeek-V3 report measures
+    up to 2% on single elements at this K). Prints both errors (pytest -s)."""
     g, seed = gen
     k = 4096
     a = (torch.randn(256, k, device="cuda", generator=g) * 1000).to(torch.float8_e5m2)
     _, _, b_t, _ = kq.quantize_rows(torch.randn(k, 512, device="cuda", generator=g), "e2m1",
                                     store_q=False, store_qt=True)  # fmt: skip
     sa = torch.rand(256, device="cuda", generator=g) + 0.5
-    got = scaled_mm_rowwise(a, b_t, sa, None, torch.float32, fast).double()
-    want = (a.double() * sa.double()[:, None]) @ b_t.double().t()
-    err = ((got - want).norm() / want.norm()).item()
-    assert err < (1e-2 if fast else 1e-6), f"fast={fast}: relative error {err:.2e} (seed {seed})"
+    a64, b64 = a.double() * sa.double()[:, None], b_t.double()
+    want = a64 @ b64.t()
+    bound = k * 2.0**-24 * (a64.abs() @ b64.abs().t())
+    errs = {}
+    for fast in (False, True):
+        got = scaled_mm_rowwise(a, b_t, sa, None, torch.float32, fast).double()
+        errs[fast] = ((got - want).norm() / want.norm()).item()
+        if not fast:
+            bad = int(((got - want).abs() > bound).sum())
+            assert bad == 0, f"{bad} sums beyond float32's bound (seed {seed})"
+    print(f"relative error, float32 accumulation {errs[False]:.2e}, fast {errs[True]:.2e}")
+    assert errs[True] < 1e-2, f"fast accumulation: relative error {errs[True]:.2e} (seed {seed})"
 
 
 @pytest.mark.parametrize(
