@@ -3,8 +3,9 @@ at M = 8192, K = N = 4096 on activations with outlier channels (the +chan data o
 linear``: 3% of the channels 20x larger; 122 outlier columns at the tensor-wise thresholds):
 the outlier-column search, the packing of R with and without the zero fill, the two products
 under each launch configuration (GPU time of a CUDA-graph replay; ``max_rel`` the largest
-difference from the first configuration's (the default before session 11) relative to the output's largest magnitude: a
-different summation order, not an error), and the dense cuBLAS products they replace.
+difference from the first configuration's (the default before session 11), relative to the
+output's largest magnitude: a different summation order, not an error), and the dense cuBLAS
+products they replace. Session 11's run chose the defaults (benchmarks/RESULTS.md).
 Usage: python benchmarks/sweep_columns.py
 """
 
