@@ -34,6 +34,7 @@ CHECKS = [
     "occ_column_compensation",
     "linear_matches_reference",
     "linear_act_save_requantizes_w",
+    "linear_passes_fast_accum",
     "compiled_model_matches_eager",
     "stochastic_rounding",
     "linear_stochastic_recipe",
@@ -323,6 +324,31 @@ def check_linear_matches_reference(g):
             # same quantized operands; outputs rounded to bf16 (2**-9) once more
             if not err < 5e-3 + (slack if what == "dw" else 0.0):
                 raise AssertionError(f"{name} {what}: relative error {err:.2e} (slack {slack:.2e})")
+
+
+def check_linear_passes_fast_accum(g):
+    """recipe.fast_accum reaches all three GEMMs of the triton backend (and only with it)."""
+    from fp4train.kernels import linear as klin
+    from fp4train.recipe import Recipe
+
+    x = torch.randn(40, 64, generator=g).bfloat16()
+    w = torch.randn(32, 64, generator=g) * 0.05
+    dy = torch.randn(40, 32, generator=g).bfloat16()
+    real, seen = klin.scaled_mm_rowwise, []
+
+    def recording(*args):
+        seen.append(args[5])
+        return real(*args)
+
+    klin.scaled_mm_rowwise = recording
+    try:
+        for fast in (False, True):
+            recipe = Recipe.preset("fp4-dge").replace(fast_accum=fast)
+            _, saved = klin.linear_forward(x, w, recipe)
+            klin.linear_backward(saved, dy, w, recipe, True, True)
+    finally:
+        klin.scaled_mm_rowwise = real
+    assert seen == [False] * 3 + [True] * 3, seen
 
 
 def check_linear_act_save_requantizes_w(g):

@@ -1,11 +1,11 @@
 """Launch a Triton kernel through its compiled handle, skipping the JIT's per-call work.
 
 ``kernel[grid](*args, **kwargs)`` binds the arguments, computes their specialization, builds a
-cache key, checks the kernel's globals and collects launch metadata on every call: 36 µs of
-host time on the H100 machine, against 9 µs for the compiled kernel's own launcher
-(benchmarks/host_overhead.py). A layer's fwd+bwd makes a dozen launches, and at 8192x4096x4096
-its GPU work (≈ 1.1 ms) is shorter than the host time to issue it, so the launch cost is the
-layer's speed.
+cache key, checks the kernel's globals and collects launch metadata on every call: 29–36 µs of
+host time on the H100 machine, against 7–9 µs for the compiled kernel's own launcher and 21 µs
+through :func:`launch` (its key costs the difference; benchmarks/host_overhead.py). A layer's
+fwd+bwd makes about ten launches, and at 8192x4096x4096 its GPU work (≈ 1.0 ms) is shorter
+than the host time to issue it (≈ 1.6 ms, most of it outside the launches: NOTES.md, session 11).
 
 :func:`launch` keys each launch by what Triton specializes a compiled kernel on — each tensor's
 dtype and 16-byte alignment, each int's equality to 1, divisibility by 16 and width, the

@@ -201,8 +201,7 @@ def linear_forward(
         seed=seed + 2,
     )  # fmt: skip
     # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
-    fast = recipe.fast_accum
-    y = scaled_mm_rowwise(q_x, q_w, s_x, s_w, torch.bfloat16, fast)[:m]
+    y = scaled_mm_rowwise(q_x, q_w, s_x, s_w, torch.bfloat16, recipe.fast_accum)[:m]
     r = s_r = order = n_cols = None
     if occ is not None and occ.compensate:
         if occ.compensation == "columns":  # R packed to its outlier columns, first n of order
