@@ -62,3 +62,10 @@ def test_constexpr_tail_rejects_a_runtime_argument_by_keyword():
         kl.constexpr_tail(_axpy, 3, {"a": 2.0, "BLOCK": 16})
     with pytest.raises(TypeError, match="constexpr 'BLOCK' is missing"):
         kl.constexpr_tail(_axpy, 4, {})
+
+
+def test_host_grid_helpers_equal_tritons():
+    for a in [0, 1, 2, 15, 16, 17, 63, 64, 65, 4095, 4096, 4097, 11008, 2**31 + 5]:
+        assert kl.next_pow2(a) == triton.next_power_of_2(a), a
+        for b in [1, 2, 16, 64, 128, 4096]:
+            assert kl.cdiv(a, b) == triton.cdiv(a, b), (a, b)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from fp4train import formats
-from fp4train.kernels.launch import launch
+from fp4train.kernels.launch import cdiv, launch
 from fp4train.kernels.quantize import (
     _absmax_scale,
     _round_to_grid,
@@ -147,7 +147,7 @@ def adamw_lp_step(
     if n:
         cm, cr = format_constants("e4m3"), grid_constants("e5m10")
         lerp_w = 1.0 - beta1
-        grid = (triton.cdiv(triton.cdiv(n, block_size), _NB),)
+        grid = (cdiv(cdiv(n, block_size), _NB),)
         launch(
             _adamw_lp_kernel, grid, p.view(-1), g.reshape(-1), m, ms, r, rs, m_new, ms_new, r_new,
             rs_new, n, lerp_w, beta2, 1.0 - beta2, (1.0 - beta2**step) ** 0.5, eps,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from fp4train.kernels import quantize as _q
-from fp4train.kernels.launch import launch
+from fp4train.kernels.launch import cdiv, launch
 
 __all__ = ["dge_weight_grad"]
 
@@ -83,7 +83,7 @@ def dge_weight_grad(
     c = _q.format_constants(fmt)
     out = _q.empty_output((n, kk), torch.float32, dw.device)
     block_n, block_k = 16, 256
-    grid = (triton.cdiv(kk, block_k), triton.cdiv(n, block_n))
+    grid = (cdiv(kk, block_k), cdiv(n, block_n))
     launch(
         _dge_weight_grad_kernel, grid, dw.contiguous(), weight.contiguous(),
         w_scale.reshape(-1).float().contiguous(), out, n, kk, P=float(1.0 / k - 1.0),

@@ -26,13 +26,24 @@ import os
 import torch
 import triton
 
-__all__ = ["launch", "launch_key", "FAST_LAUNCH"]
+__all__ = ["launch", "launch_key", "cdiv", "next_pow2", "FAST_LAUNCH"]
 
 # read once; tests and benchmarks flip the module attribute to compare the two paths
 FAST_LAUNCH = os.environ.get("FP4TRAIN_FAST_LAUNCH", "1") != "0"
 
 _CACHE: dict[tuple, tuple] = {}
 _I32 = (-(2**31), 2**31)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host code: ceil(a / b). (Triton's is a constexpr function, 2-4 µs a
+    call from Python; a layer's launches compute a dozen grids.)"""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for host code: the smallest power of two >= n (0 for 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def _arg_key(a) -> object:

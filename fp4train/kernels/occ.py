@@ -38,7 +38,7 @@ import triton.language as tl
 
 from fp4train import occ as _occ
 from fp4train.kernels import quantize as _q
-from fp4train.kernels.launch import launch
+from fp4train.kernels.launch import cdiv, launch
 
 __all__ = [
     "occ_thresholds",
@@ -172,7 +172,7 @@ def occ_thresholds(
     state = torch.empty(g, 4, dtype=torch.int32, device=dev)
     lo = _q.empty_output(g, torch.float32, dev)
     hi = _q.empty_output(g, torch.float32, dev)
-    grid = (triton.cdiv(n, _CHUNK), g)
+    grid = (cdiv(n, _CHUNK), g)
     launch(_hist_high_kernel, grid, v, n, hist_high, CHUNK=_CHUNK, num_warps=8)
     launch(
         _select_high_kernel, (g,), hist_high, state, _occ._rank(1 - alpha, n),
@@ -250,7 +250,7 @@ def gather_columns(
     r, k = src.shape
     dst = _q.empty_output((r, k), torch.bfloat16, src.device)
     if r and k:
-        grid = (triton.cdiv(r, 32), triton.cdiv(k, 128))
+        grid = (cdiv(r, 32), cdiv(k, 128))
         launch(
             _gather_columns_kernel, grid, src, src.stride(0), order, n, dst, r, k, BLOCK_R=32,
             BLOCK_C=128, ZERO_REST=zero_rest, num_warps=4,
@@ -327,7 +327,7 @@ def occ_compensate_columns(
     out = _q.empty_output((m, nn), torch.bfloat16, y.device)
     if m and nn:
         c = COLUMNS_FWD_CONFIG
-        grid = (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(nn, c["BLOCK_N"]))
+        grid = (cdiv(m, c["BLOCK_M"]), cdiv(nn, c["BLOCK_N"]))
         launch(
             _compensate_columns_kernel, grid, y, y.stride(0), r_c, w_c, n, out, m, nn, k,
             UPCAST=y.device.type != "cuda", **c,
@@ -383,7 +383,7 @@ def _compensate_columns_wgrad(
     k = r_c.shape[1]
     if m and nn:
         c = COLUMNS_WGRAD_CONFIG
-        grid = (triton.cdiv(nn, c["BLOCK_N"]), triton.cdiv(k, c["BLOCK_K"]))
+        grid = (cdiv(nn, c["BLOCK_N"]), cdiv(k, c["BLOCK_K"]))
         launch(
             _compensate_columns_wgrad_kernel, grid, dw, dy, r_c, order, n, m, nn, k,
             UPCAST=dy.device.type != "cuda", **c,

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from fp4train import formats
-from fp4train.kernels.launch import launch
+from fp4train.kernels.launch import cdiv, launch, next_pow2
 
 __all__ = [
     "quantize_rows",
@@ -539,7 +539,7 @@ def transpose_bytes(src: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst`` [C, R] = ``src`` [R, C]ᵀ for contiguous 1-byte tensors (FP8), one launch."""
     r, c = src.shape
     if r and c:
-        grid = (triton.cdiv(r, 64), triton.cdiv(c, 64))
+        grid = (cdiv(r, 64), cdiv(c, 64))
         launch(
             _transpose_kernel, grid, src.view(torch.uint8), dst.view(torch.uint8), r, c,
             BLOCK_R=64, BLOCK_C=64, num_warps=4,
@@ -669,11 +669,11 @@ def _quantize(
         if not (m and k and row_fmt is not None):
             s_row.fill_(1.0)
         elif ROW_STRATEGY == "resident" and k <= RESIDENT_MAX_K:
-            block_k = triton.next_power_of_2(k)
+            block_k = next_pow2(k)
             block_m = max(1, RESIDENT_ELEMENTS // block_k)
             q_rows = q if rows and store_q else empty_output((mp, k), fp8, dev)
             launch(
-                _quantize_rows_resident_kernel, (triton.cdiv(mp, block_m),), x, x.stride(0),
+                _quantize_rows_resident_kernel, (cdiv(mp, block_m),), x, x.stride(0),
                 colmul, lo_, hi_, s_row, q_rows, resid if clamp else q_rows, m, mp, k, seed,
                 HAS_COLMUL=col_scale is not None, CLAMP=clamp, CLAMP_PER_ROW=per_row,
                 **format_constants(row_fmt), SR=sr_row, BLOCK_M=block_m, BLOCK_K=block_k,
@@ -683,7 +683,7 @@ def _quantize(
                 transpose_bytes(q_rows, q_t)
         else:
             cfg = rowblock_config(x.element_size(), clamp)
-            progs = _rowblock_programs(triton.cdiv(mp, cfg["BLOCK_M"]), cfg.pop("PER_SM"), dev)
+            progs = _rowblock_programs(cdiv(mp, cfg["BLOCK_M"]), cfg.pop("PER_SM"), dev)
             launch(
                 _quantize_rowblock_kernel, (progs,), x, x.stride(0), colmul, lo_, hi_, s_row,
                 q if rows and store_q else q_t, q_t if rows and store_qt else q,
@@ -707,11 +707,11 @@ def _quantize(
         return q, s_row, q_t, q2_t, s_col, None
     # the internal float32 buffers in one allocation (each torch.empty costs the host µs)
     a = AMAX_CONFIG
-    n_kt, n_mt = triton.cdiv(k, a["BLOCK_K"]), triton.cdiv(m, a["BLOCK_M"])
+    n_kt, n_mt = cdiv(k, a["BLOCK_K"]), cdiv(m, a["BLOCK_M"])
     n_rp = m * n_kt if rows else 1
     r_row, r_col, rpart, cpart = torch.empty(
         n_s + k + n_rp + n_mt * k, dtype=torch.float32, device=dev
-    ).split([n_s, k, n_rp, n_mt * k])
+    ).split_with_sizes([n_s, k, n_rp, n_mt * k])  # (Tensor.split is a slower Python wrapper)
     dummy = rpart
     has_colmul = col_scale is not None
     launch(
@@ -719,14 +719,14 @@ def _quantize(
         row_scale, rpart, cpart, m, k, n_kt, HAS_COLMUL=has_colmul, ROW_AMAX=rows, **a,
     )  # fmt: skip
     block = 256
-    n_progs = (triton.cdiv(mp, block) if rows else 0) + triton.cdiv(k, block)
+    n_progs = (cdiv(mp, block) if rows else 0) + cdiv(k, block)
     launch(
         _scales_kernel, (n_progs,), rpart, cpart, s_row if rows else dummy,
         r_row if rows else dummy, s_col, r_col, m, mp, k, n_kt, n_mt, ROW_AMAX=rows,
         FMAX_ROW=c1["FMAX"], FMAX_COL=c2["FMAX"], BLOCK=block, PARTS=16, num_warps=4,
     )  # fmt: skip
     t = TILE_CONFIG
-    grid = (triton.cdiv(k, t["BLOCK_K"]), triton.cdiv(mp, t["BLOCK_M"]))
+    grid = (cdiv(k, t["BLOCK_K"]), cdiv(mp, t["BLOCK_M"]))
     launch(
         _quantize_tile_kernel, grid, x, x.stride(0), col_scale if has_colmul else dummy, row_scale,
         s_row if rows else dummy, r_row if rows else dummy, s_col, r_col,
