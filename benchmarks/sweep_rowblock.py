@@ -16,7 +16,7 @@ Usage: python benchmarks/sweep_rowblock.py
 
 import torch
 
-from fp4train.bench import _copy_gbps, _median_ms, _rotating, format_table
+from fp4train.bench import _copy_gbps, _gpu_ms, _rotating, format_table
 from fp4train.kernels import quantize as kq
 
 DEVICE = "cuda"
@@ -52,6 +52,7 @@ DY_KNOBS = [  # name, TILE_CONFIG of the quantize pass
     ("64x64 w4", dict(BLOCK_M=64, BLOCK_K=64, num_warps=4)),
     ("128x64 w4", dict(BLOCK_M=128, BLOCK_K=64, num_warps=4)),
     ("128x32 w4", dict(BLOCK_M=128, BLOCK_K=32, num_warps=4)),
+    ("DY_STRATEGY resident (rows in registers + FP8 transpose)", dict(_strategy="resident")),
 ]
 
 
@@ -62,7 +63,7 @@ def _check_and_time(knob, run, timed, want, keep) -> tuple[bool, float]:
         got = run()
         same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
                    for a, b, k in zip(got, want, keep, strict=True) if k)  # fmt: skip
-        return same, _median_ms(timed)
+        return same, _gpu_ms(timed)
     except Exception as e:
         print(f"{knob}: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return False, float("nan")
@@ -109,7 +110,7 @@ def sweep() -> list[dict]:
 def sweep_dy() -> list[dict]:
     """dY's three launches with each quantize-pass tile: both operands, as ``bench quant``."""
     rows = []
-    cfg0 = dict(kq.TILE_CONFIG)
+    cfg0, strategy0 = dict(kq.TILE_CONFIG), kq.DY_STRATEGY
     try:
         for m, n in DY_SHAPES:
             dy = _rotating(lambda m=m, n=n: torch.randn(m, n, device=DEVICE).bfloat16(), 3)
@@ -119,8 +120,10 @@ def sweep_dy() -> list[dict]:
             dy0 = dy()
             want = kq.quantize_rowwise_and_colwise(dy0, "e5m2", "e5m2", s_w, s_x)
             for knob, over in DY_KNOBS:
+                over = dict(over)
+                kq.DY_STRATEGY = over.pop("_strategy", "tiles")
                 kq.TILE_CONFIG.clear()
-                kq.TILE_CONFIG.update(over)
+                kq.TILE_CONFIG.update(over or cfg0)
                 same, ms = _check_and_time(
                     knob, lambda dy0=dy0, s_w=s_w, s_x=s_x: kq.quantize_rowwise_and_colwise(
                         dy0, "e5m2", "e5m2", s_w, s_x
@@ -137,6 +140,7 @@ def sweep_dy() -> list[dict]:
     finally:
         kq.TILE_CONFIG.clear()
         kq.TILE_CONFIG.update(cfg0)
+        kq.DY_STRATEGY = strategy0
     return rows
 
 

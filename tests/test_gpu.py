@@ -105,8 +105,10 @@ def test_direct_launches_equal_the_reference(gen):
             _assert_same(a, b, f"dY call {i}: {name}", seed)
 
 
-def test_quantize_dy_both_operands_bit_exact(gen):
+@pytest.mark.parametrize("strategy", ["tiles", "resident"])
+def test_quantize_dy_both_operands_bit_exact(strategy, gen, monkeypatch):
     g, seed = gen
+    monkeypatch.setattr(kq, "DY_STRATEGY", strategy)
     dy = wide_values(777, 2064, g)
     s_w = torch.rand(2064, device="cuda", generator=g) + 0.01
     s_x = torch.rand(777, device="cuda", generator=g) * 3

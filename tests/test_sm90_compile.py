@@ -84,6 +84,19 @@ def _transpose_case():
     return kq._transpose_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64), 4
 
 
+def _dy_resident_case(k: int):
+    sig = dict(x_ptr="*bf16", stride_xm="i32", colmul_ptr="*fp32", rowmul_ptr="*fp32",
+               s_row_ptr="*fp32", s_col_ptr="*fp32", r_col_ptr="*fp32", q_ptr="*fp8e5",
+               q2_ptr="*fp8e5", M="i32", Mp="i32", K="i32", seed="i32")  # fmt: skip
+    c = kq.format_constants("e5m2")
+    block_k = triton.next_power_of_2(k)
+    ce = dict(HAS_COLMUL=True, STORE_Q=True, **c, FMAX2=c["FMAX"], MBITS2=c["MBITS"],
+              MIN_EXP2=c["MIN_EXP"], EMAX2=c["EMAX"], SR1=False, SR2=False,
+              BLOCK_M=max(1, kq.RESIDENT_ELEMENTS // block_k), BLOCK_K=block_k)  # fmt: skip
+    warps = kq.DY_RESIDENT_WARPS.get(ce["BLOCK_M"] * block_k, 8)
+    return kq._quantize_dy_resident_kernel, sig, ce, warps
+
+
 def _tile_case():
     sig = dict(x_ptr="*bf16", stride_xm="i32", colmul_ptr="*fp32", rowmul_ptr="*fp32",
                s_row_ptr="*fp32", r_row_ptr="*fp32", s_col_ptr="*fp32", r_col_ptr="*fp32",
@@ -183,6 +196,10 @@ CASES = {
     "resident rows fp32 K=16384": lambda: _resident_case("fp32", 16384),
     "FP8 transpose": _transpose_case,
     "dY quantize tile": _tile_case,
+    "dY resident rows K=4096": lambda: _dy_resident_case(4096),
+    "dY resident rows K=11008": lambda: _dy_resident_case(11008),
+    "dY resident rows K=2048": lambda: _dy_resident_case(2048),
+    "dY resident rows K=8192": lambda: _dy_resident_case(8192),
     "dY amax partials": _amax_case,
     "OCC gather columns bf16": lambda: _gather_case("bf16"),
     "OCC gather columns fp32": lambda: _gather_case("fp32"),

@@ -32,7 +32,10 @@ x [M, K]:
    [Mp, K] and/or its transpose q_t [K, Mp], and/or the column-scaled q2_t [K, Mp].
 
 So a tensor is read twice and every output written once, with no atomics and no dependence on
-L2 holding a row block between passes; a dY feeds both backward GEMMs from one such pass. The
+L2 holding a row block between passes; a dY feeds both backward GEMMs from one such pass.
+(``DY_STRATEGY = "resident"``, opt-in until timed: step 1 computes only the column partials,
+and step 3 holds whole rows in registers, takes the row amax there and stores both operands
+row-major, the column-scaled one then transposed by ``_transpose_kernel``; the same bits.) The
 division v / s uses the per-row reciprocal r = 1/s (IEEE) and Markstein's correction
 ``q = v·r; u = q + (v − q·s)·r`` (two FMAs), which is the correctly rounded quotient when r is
 the correctly rounded reciprocal (Markstein 1990); the tests check it against torch's division.
@@ -520,6 +523,58 @@ def _quantize_rows_resident_kernel(
 
 
 @triton.jit
+def _quantize_dy_resident_kernel(
+    x_ptr,  # [M, K], unit stride along K
+    stride_xm,
+    colmul_ptr,  # [K] float32: the row-wise operand is x * colmul (HAS_COLMUL)
+    rowmul_ptr,  # [M] float32: the column-wise operand is x * rowmul
+    s_row_ptr,  # [Mp] float32 row scales, written (STORE_Q)
+    s_col_ptr,  # [K] float32 column scales, read
+    r_col_ptr,  # [K] their reciprocals
+    q_ptr,  # [Mp, K] the row-scaled operand, row-major (STORE_Q)
+    q2_ptr,  # [Mp, K] the column-scaled operand, row-major (transposed afterwards)
+    M,
+    Mp,
+    K,
+    seed,  # Philox seed of the row-scaled operand (SR1); seed + 1 for the column-scaled one
+    HAS_COLMUL: tl.constexpr,
+    STORE_Q: tl.constexpr,
+    FMAX: tl.constexpr,
+    MBITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    EMAX: tl.constexpr,
+    FMAX2: tl.constexpr,
+    MBITS2: tl.constexpr,
+    MIN_EXP2: tl.constexpr,
+    EMAX2: tl.constexpr,
+    SR1: tl.constexpr,
+    SR2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a power of two >= K: whole rows in registers
+):
+    """dY's second pass with ``DY_STRATEGY = "resident"``: BLOCK_M whole rows per program, read
+    once; the row amax and scale from the registers (no partials), both operands rounded and
+    stored row-major (the column-scaled one with the column scales of the first pass). The
+    arithmetic and the noise indices are ``_quantize_tile_kernel``'s: the same bits."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, 0.0, 0.0, HAS_COLMUL,
+                         False)  # fmt: skip
+    if STORE_Q:
+        s = _absmax_scale(tl.max(tl.abs(v), axis=1), FMAX)
+        tl.store(s_row_ptr + rows, s, mask=rows < Mp)
+        _round_and_store(x, v, s[:, None], reciprocal(s)[:, None], rows, cols, M, Mp, K, q_ptr,
+                         q_ptr, q_ptr, seed, True, False, False, FMAX, MBITS, MIN_EXP, EMAX,
+                         SR1)  # fmt: skip
+    rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
+    s2 = tl.load(s_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
+    r2 = tl.load(r_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
+    _round_and_store(x, x * rowmul, s2, r2, rows, cols, M, Mp, K, q2_ptr, q2_ptr, q2_ptr,
+                     seed + 1, True, False, False, FMAX2, MBITS2, MIN_EXP2, EMAX2,
+                     SR2)  # fmt: skip
+
+
+@triton.jit
 def _transpose_kernel(
     src_ptr,  # [R, C] bytes, row-major
     dst_ptr,  # [C, R] bytes
@@ -576,6 +631,16 @@ def rowblock_config(element_size: int, clamp: bool) -> dict:
 ROW_STRATEGY = "resident"
 RESIDENT_MAX_K = 16384
 RESIDENT_ELEMENTS = 4096  # elements per program (BLOCK_M whole rows, at least one); 8 warps
+# dY's two operands: "tiles" (amax partials of rows and columns, scales, one tile pass writing
+# q and the transposed q2_t) or "resident" (column amax partials and scales, then whole rows in
+# registers writing both operands row-major, then an FP8 transpose of q2: no row partials and
+# no transposed store in the rounding pass; rows up to RESIDENT_MAX_K wide). The same bits;
+# "resident" is interpreter-tested, not yet timed on a GPU (session 11).
+DY_STRATEGY = "tiles"
+# warps of its rows kernel by elements a program: spill-free with Triton 3.6 for sm_90
+# (tests/test_sm90_compile.py; at 8 warps and 4096 elements ptxas holds 64 registers and
+# spills); not timed
+DY_RESIDENT_WARPS = {4096: 16, 8192: 8, 16384: 16}
 
 
 @functools.cache
@@ -707,24 +772,41 @@ def _quantize(
         return q, s_row, q_t, q2_t, s_col, None
     # the internal float32 buffers in one allocation (each torch.empty costs the host µs)
     a = AMAX_CONFIG
+    resident = DY_STRATEGY == "resident" and k <= RESIDENT_MAX_K
     n_kt, n_mt = cdiv(k, a["BLOCK_K"]), cdiv(m, a["BLOCK_M"])
-    n_rp = m * n_kt if rows else 1
+    n_rp = m * n_kt if rows and not resident else 1
     r_row, r_col, rpart, cpart = torch.empty(
         n_s + k + n_rp + n_mt * k, dtype=torch.float32, device=dev
     ).split_with_sizes([n_s, k, n_rp, n_mt * k])  # (Tensor.split is a slower Python wrapper)
     dummy = rpart
     has_colmul = col_scale is not None
+    row_amax = rows and not resident  # resident rows take their amax from the registers
     launch(
         _amax_partials_kernel, (n_kt, n_mt), x, x.stride(0), col_scale if has_colmul else dummy,
-        row_scale, rpart, cpart, m, k, n_kt, HAS_COLMUL=has_colmul, ROW_AMAX=rows, **a,
+        row_scale, rpart, cpart, m, k, n_kt, HAS_COLMUL=has_colmul, ROW_AMAX=row_amax, **a,
     )  # fmt: skip
     block = 256
-    n_progs = (cdiv(mp, block) if rows else 0) + cdiv(k, block)
+    n_progs = (cdiv(mp, block) if row_amax else 0) + cdiv(k, block)
     launch(
-        _scales_kernel, (n_progs,), rpart, cpart, s_row if rows else dummy,
-        r_row if rows else dummy, s_col, r_col, m, mp, k, n_kt, n_mt, ROW_AMAX=rows,
+        _scales_kernel, (n_progs,), rpart, cpart, s_row if row_amax else dummy,
+        r_row if row_amax else dummy, s_col, r_col, m, mp, k, n_kt, n_mt, ROW_AMAX=row_amax,
         FMAX_ROW=c1["FMAX"], FMAX_COL=c2["FMAX"], BLOCK=block, PARTS=16, num_warps=4,
     )  # fmt: skip
+    if resident:
+        block_k = next_pow2(k)
+        block_m = max(1, RESIDENT_ELEMENTS // block_k)
+        q2 = empty_output((mp, k), FP8_DTYPE[col_fmt], dev)
+        launch(
+            _quantize_dy_resident_kernel, (cdiv(mp, block_m),), x, x.stride(0),
+            col_scale if has_colmul else dummy, row_scale, s_row if rows else dummy, s_col,
+            r_col, q if rows and store_q else q2, q2, m, mp, k, seed, HAS_COLMUL=has_colmul,
+            STORE_Q=rows and store_q, **c1, FMAX2=c2["FMAX"], MBITS2=c2["MBITS"],
+            MIN_EXP2=c2["MIN_EXP"], EMAX2=c2["EMAX"], SR1=rows and sr_row, SR2=sr_col,
+            BLOCK_M=block_m, BLOCK_K=block_k,
+            num_warps=DY_RESIDENT_WARPS.get(block_m * block_k, 8),
+        )  # fmt: skip
+        transpose_bytes(q2, q2_t)
+        return q, s_row, q_t, q2_t, s_col, None
     t = TILE_CONFIG
     grid = (cdiv(k, t["BLOCK_K"]), cdiv(mp, t["BLOCK_M"]))
     launch(
