@@ -80,10 +80,14 @@ def check_column_compensation(case: str, gen: torch.Generator, m: int, k: int, n
     lo, hi = (torch.tensor([v], device=dev) for v in COLUMN_CASES[case])
     _, _, _, resid = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi)
     order, cnt = kocc.outlier_columns(resid)
-    cols = resid.ne(0).any(0).nonzero().flatten()
+    flags = resid.ne(0).any(0)
+    cols = flags.nonzero().flatten()
     c = int(cnt)
     if c != cols.numel() or not torch.equal(order[:c].long(), cols):
         raise AssertionError(f"{case}: outlier columns {order[:c].tolist()} vs {cols.tolist()}")
+    # the whole order: a stable partition, the other columns ascending after them
+    if not torch.equal(order.long(), torch.argsort((~flags).to(torch.uint8), stable=True)):
+        raise AssertionError(f"{case}: the column order is not the stable partition")
     r_c = kocc.gather_columns(resid, order, cnt)
     for what, src, packed in (("R", resid, r_c), ("W", w, kocc.gather_columns(w, order, cnt))):
         want = torch.zeros(src.shape, dtype=torch.bfloat16, device=dev)

@@ -297,6 +297,14 @@ def check_occ_column_compensation(g):
     in every column, and in none: ``conftest.check_column_compensation``."""
     for case in COLUMN_CASES:
         check_column_compensation(case, g, 50, 96, 80)
+    # wider than the one-program ordering: torch's stable argsort, the same contract
+    from fp4train.kernels import occ as kocc
+
+    r = torch.zeros(3, kocc._ORDER_MAX_K + 7, dtype=torch.bfloat16)
+    r[1, [5, 900, kocc._ORDER_MAX_K + 3]] = 1.0
+    order, n = kocc.outlier_columns(r)
+    assert int(n) == 3 and order[:3].tolist() == [5, 900, kocc._ORDER_MAX_K + 3]
+    assert torch.equal(order.long().sort().values, torch.arange(r.shape[1]))
 
 
 def check_linear_matches_reference(g):

@@ -124,6 +124,17 @@ def _gather_case(dtype: str):
     return kocc._gather_columns_kernel, sig, dict(BLOCK_R=32, BLOCK_C=128, ZERO_REST=True), 4
 
 
+def _column_flags_case():
+    sig = dict(r_ptr="*bf16", stride_r="i32", flags_ptr="*i32", M="i32", K="i32")
+    return kocc._column_flags_kernel, sig, dict(ROWS=256, BLOCK_R=32, BLOCK_C=128), 4
+
+
+def _order_columns_case(k: int):
+    sig = dict(flags_ptr="*i32", order_ptr="*i32", n_ptr="*i32", K="i32")
+    block = triton.next_power_of_2(k)
+    return kocc._order_columns_kernel, sig, dict(BLOCK=block), max(4, min(16, block // 1024))
+
+
 def _compensate_case():
     sig = dict(y_ptr="*bf16", stride_y="i32", r_ptr="*bf16", w_ptr="*bf16", n_ptr="*i32",
                out_ptr="*bf16", M="i32", N="i32", K="i32")  # fmt: skip
@@ -203,6 +214,9 @@ CASES = {
     "dY amax partials": _amax_case,
     "OCC gather columns bf16": lambda: _gather_case("bf16"),
     "OCC gather columns fp32": lambda: _gather_case("fp32"),
+    "OCC column flags": _column_flags_case,
+    "OCC column order K=4096": lambda: _order_columns_case(4096),
+    "OCC column order K=16384": lambda: _order_columns_case(16384),
     "OCC column compensation": _compensate_case,
     "OCC column compensation wgrad": _compensate_wgrad_case,
     "dY scales": _scales_case,

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from fp4train import occ as _occ
 from fp4train.kernels import quantize as _q
-from fp4train.kernels.launch import cdiv, launch
+from fp4train.kernels.launch import cdiv, launch, next_pow2
 
 __all__ = [
     "occ_thresholds",
@@ -203,13 +203,80 @@ def occ_compensate_wgrad(dw: torch.Tensor, dy: torch.Tensor, resid: torch.Tensor
 
 
 # ------------------------------------------------------------------------------ column compensation
+@triton.jit
+def _column_flags_kernel(
+    r_ptr,  # [M, K], unit stride along K
+    stride_r,
+    flags_ptr,  # [K] int32, zeroed: set to 1 where the column holds a nonzero
+    M,
+    K,
+    ROWS: tl.constexpr,  # rows per program, walked BLOCK_R at a time
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row0 = tl.program_id(1) * ROWS
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
+    for r0 in tl.static_range(0, ROWS, BLOCK_R):
+        rows = row0 + r0 + tl.arange(0, BLOCK_R)
+        m2 = (rows < M)[:, None] & (cols < K)[None, :]
+        v = tl.load(r_ptr + rows.to(tl.int64)[:, None] * stride_r + cols[None, :], mask=m2,
+                    other=0.0)  # fmt: skip
+        acc = tl.maximum(acc, (v != 0).to(tl.int32))
+    nz = tl.max(acc, axis=0)
+    tl.atomic_max(flags_ptr + cols, nz, mask=(cols < K) & (nz > 0))
+
+
+@triton.jit
+def _order_columns_kernel(flags_ptr, order_ptr, n_ptr, K, BLOCK: tl.constexpr):
+    """One program: order = the flagged columns ascending, then the others ascending; n."""
+    cols = tl.arange(0, BLOCK)
+    f = (tl.load(flags_ptr + cols, mask=cols < K, other=0) > 0).to(tl.int32)
+    c = tl.cumsum(f, axis=0)  # flagged columns up to and including this one
+    n = tl.sum(f)
+    pos = tl.where(f > 0, c - 1, n + cols - c)
+    tl.store(order_ptr + pos, cols, mask=cols < K)
+    tl.store(n_ptr, n)
+
+
+_ORDER_MAX_K = 16384  # the one-program ordering's width; wider R takes torch's argsort
+
+
+@_q.custom_op("fp4train::outlier_columns")
 def outlier_columns(resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(order [K] int32, n [1] int32) for the residual R [M, K]: the indices of the columns
     holding a nonzero, ascending, then the others; n is how many hold one. On the device, no
-    sync."""
-    flags = resid.ne(0).any(dim=0)
-    order = torch.argsort((~flags).to(torch.uint8), stable=True).to(torch.int32)
-    return order, flags.sum(dtype=torch.int32).reshape(1)
+    sync: one pass over R flags the columns, one program orders them (a stable partition by
+    prefix sums)."""
+    _q._check_2d(resid, "resid")
+    m, k = resid.shape
+    dev = resid.device
+    if k > _ORDER_MAX_K:
+        flags = resid.ne(0).any(dim=0)
+        order = torch.argsort((~flags).to(torch.uint8), stable=True).to(torch.int32)
+        return order, flags.sum(dtype=torch.int32).reshape(1)
+    flags = torch.zeros(k, dtype=torch.int32, device=dev)
+    order = _q.empty_output(k, torch.int32, dev)
+    n = _q.empty_output(1, torch.int32, dev)
+    if m and k:
+        rows = 256
+        launch(
+            _column_flags_kernel, (cdiv(k, 128), cdiv(m, rows)), resid, resid.stride(0), flags,
+            m, k, ROWS=rows, BLOCK_R=32, BLOCK_C=128, num_warps=4,
+        )  # fmt: skip
+    if k:
+        block = next_pow2(k)
+        launch(_order_columns_kernel, (1,), flags, order, n, k, BLOCK=block,
+               num_warps=max(4, min(16, block // 1024)))  # fmt: skip
+    else:
+        n.zero_()
+    return order, n
+
+
+@outlier_columns.op.register_fake
+def _(resid):
+    k = resid.shape[1]
+    return resid.new_empty(k, dtype=torch.int32), resid.new_empty(1, dtype=torch.int32)
 
 
 @triton.jit
