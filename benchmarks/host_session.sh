@@ -5,14 +5,16 @@
 # cProfile, the quantize kernels (GPU time), the layer benchmark eager and as a CUDA graph (GPU
 # time alone), fp4-dge and column-compensated fp4-paper by kernel, and the 1.3B step eager and
 # as one CUDA graph. Summaries under $OUT.
-# Usage: bash benchmarks/host_session.sh [--host]   (--host: also benchmarks/host_overhead.py)
+# Usage: bash benchmarks/host_session.sh [--host] [--sweeps]
+#   --host: also benchmarks/host_overhead.py; --sweeps: also sweep_rowblock.py (row and dY
+#   strategies, DY_STRATEGY "resident" included) and sweep_columns.py (about 2 min more)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 \
   | grep -v "^tests\|^  \|^$\|Warn" | tail -15 | tee "$OUT/gpu_tests.txt"
-if [[ "${1:-}" == --host ]]; then timeout 90 python3 benchmarks/host_overhead.py 2>&1 | grep "^|" | tee "$OUT/host.md"; fi
+if [[ " $* " == *" --host "* ]]; then timeout 90 python3 benchmarks/host_overhead.py 2>&1 | grep "^|" | tee "$OUT/host.md"; fi
 timeout 60 python3 -m fp4train bench quant 2>&1 | grep "^|" | tee "$OUT/quant.md"
 timeout 150 python3 -m fp4train bench linear --cuda-graph --recipes fp8 fp4-dge fp4-paper \
   "fp4-paper[occ.compensation=columns]+chan" 2>&1 | grep "^|" | tee "$OUT/bench_linear.md"
@@ -23,3 +25,7 @@ timeout 120 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp4-dge 
   | grep "^|" | tee "$OUT/step.md"
 timeout 90 python3 -m fp4train bench step --models 1.3b --cuda-graph --recipes bf16 fp4-dge 2>&1 \
   | grep "^|" | tee "$OUT/step_graph.md"
+if [[ " $* " == *" --sweeps "* ]]; then
+  timeout 150 python3 benchmarks/sweep_rowblock.py 2>&1 | grep "^|" | tee "$OUT/sweep_rowblock.md"
+  timeout 120 python3 benchmarks/sweep_columns.py 2>&1 | grep "^|" | tee "$OUT/sweep_columns.md"
+fi
