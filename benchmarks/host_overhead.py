@@ -118,6 +118,23 @@ def pieces() -> list[dict]:
             return g * 1
 
     add("identity autograd.Function fwd+bwd", lambda: torch.autograd.grad(Ident.apply(xg), xg, dy))
+    # fp4-dge's backward run by the autograd engine (its device thread) instead of directly:
+    # session 11 found the whole fwd+bwd ≈ 0.8 ms slower than the two halves called directly
+    rec = Recipe.preset("fp4-dge").replace(backend="triton")
+    _, saved = kernels.linear_forward(x, w, rec)
+
+    class EngineBwd(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a * 1
+
+        @staticmethod
+        def backward(ctx, g):
+            kernels.linear_backward(saved, dy, w, rec, True, True)
+            return g
+
+    add("linear_backward (fp4-dge) from an autograd backward",
+        lambda: torch.autograd.grad(EngineBwd.apply(xg), xg, dy))  # fmt: skip
     return rows
 
 
