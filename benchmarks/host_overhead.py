@@ -123,11 +123,7 @@ def pieces() -> list[dict]:
     rec = Recipe.preset("fp4-dge").replace(backend="triton")
     _, saved = kernels.linear_forward(x, w, rec)
 
-    class EngineBwd(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, a):
-            return a * 1
-
+    class EngineBwd(Ident):
         @staticmethod
         def backward(ctx, g):
             kernels.linear_backward(saved, dy, w, rec, True, True)

@@ -72,10 +72,10 @@ def _resident_case(dtype: str, k: int, clamp: bool = False):
     sig = dict(x_ptr=f"*{dtype}", stride_xm="i32", colmul_ptr="*fp32", lo_ptr="*fp32",
                hi_ptr="*fp32", s_ptr="*fp32", q_ptr="*fp8e4nv", r_ptr="*bf16", M="i32", Mp="i32",
                K="i32", seed="i32")  # fmt: skip
-    block_k = triton.next_power_of_2(k)
+    block_m, block_k = kq.resident_blocks(k)
     ce = dict(HAS_COLMUL=False, CLAMP=clamp, CLAMP_PER_ROW=False,
-              **kq.format_constants("e2m1"), SR=False,
-              BLOCK_M=max(1, kq.RESIDENT_ELEMENTS // block_k), BLOCK_K=block_k)  # fmt: skip
+              **kq.format_constants("e2m1"), SR=False, BLOCK_M=block_m,
+              BLOCK_K=block_k)  # fmt: skip
     return kq._quantize_rows_resident_kernel, sig, ce, 8
 
 
@@ -89,11 +89,11 @@ def _dy_resident_case(k: int):
                s_row_ptr="*fp32", s_col_ptr="*fp32", r_col_ptr="*fp32", q_ptr="*fp8e5",
                q2_ptr="*fp8e5", M="i32", Mp="i32", K="i32", seed="i32")  # fmt: skip
     c = kq.format_constants("e5m2")
-    block_k = triton.next_power_of_2(k)
+    block_m, block_k = kq.resident_blocks(k)
     ce = dict(HAS_COLMUL=True, STORE_Q=True, **c, FMAX2=c["FMAX"], MBITS2=c["MBITS"],
-              MIN_EXP2=c["MIN_EXP"], EMAX2=c["EMAX"], SR1=False, SR2=False,
-              BLOCK_M=max(1, kq.RESIDENT_ELEMENTS // block_k), BLOCK_K=block_k)  # fmt: skip
-    warps = kq.DY_RESIDENT_WARPS.get(ce["BLOCK_M"] * block_k, 8)
+              MIN_EXP2=c["MIN_EXP"], EMAX2=c["EMAX"], SR1=False, SR2=False, BLOCK_M=block_m,
+              BLOCK_K=block_k)  # fmt: skip
+    warps = kq.DY_RESIDENT_WARPS.get(block_m * block_k, 8)
     return kq._quantize_dy_resident_kernel, sig, ce, warps
 
 

@@ -364,27 +364,14 @@ def _quantize_tile_kernel(
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, 0.0, 0.0, HAS_COLMUL,
                          False)  # fmt: skip
-    omask = (rows < Mp)[:, None] & (cols < K)[None, :]
     if STORE_Q:
         s = tl.load(s_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
         r = tl.load(r_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
-        noise = None
-        if SR1:
-            noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
-        q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX, noise, SR1)
-        tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-                 q.to(q_ptr.dtype.element_ty), mask=omask)  # fmt: skip
-    rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
-    s2 = tl.load(s_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
-    r2 = tl.load(r_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
-    noise2 = None
-    if SR2:
-        noise2 = tl.rand(seed + 1, rows[:, None] * K + cols[None, :])
-    q2 = _round_to_grid(
-        div_by_scale(x * rowmul, s2, r2), MBITS2, MIN_EXP2, EMAX2, FMAX2, noise2, SR2
-    )
-    tl.store(q2t_ptr + cols.to(tl.int64)[None, :] * Mp + rows[:, None],
-             q2.to(q2t_ptr.dtype.element_ty), mask=omask)  # fmt: skip
+        _round_and_store(x, v, s, r, rows, cols, M, Mp, K, q_ptr, q_ptr, q_ptr, seed, True,
+                         False, False, FMAX, MBITS, MIN_EXP, EMAX, SR1)  # fmt: skip
+    u, s2, r2 = _col_operand(x, rowmul_ptr, s_col_ptr, r_col_ptr, rows, cols, M, K)
+    _round_and_store(x, u, s2, r2, rows, cols, M, Mp, K, q2t_ptr, q2t_ptr, q2t_ptr, seed + 1,
+                     False, True, False, FMAX2, MBITS2, MIN_EXP2, EMAX2, SR2)  # fmt: skip
 
 
 @triton.jit
@@ -430,6 +417,16 @@ def _round_and_store(
         rmask = (rows < M)[:, None] & (cols < K)[None, :]
         tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], _to_bf16_rne(x - v),
                  mask=rmask)  # fmt: skip
+
+
+@triton.jit
+def _col_operand(x, rowmul_ptr, s_col_ptr, r_col_ptr, rows, cols, M, K):
+    """dY's column-scaled operand of the tile x[rows, cols], x * rowmul (0 past M), with its
+    column scales and their reciprocals ([1, BLOCK_K], 1 past K)."""
+    rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
+    s2 = tl.load(s_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
+    r2 = tl.load(r_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
+    return x * rowmul, s2, r2
 
 
 @triton.jit
@@ -566,12 +563,9 @@ def _quantize_dy_resident_kernel(
         _round_and_store(x, v, s[:, None], reciprocal(s)[:, None], rows, cols, M, Mp, K, q_ptr,
                          q_ptr, q_ptr, seed, True, False, False, FMAX, MBITS, MIN_EXP, EMAX,
                          SR1)  # fmt: skip
-    rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
-    s2 = tl.load(s_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
-    r2 = tl.load(r_col_ptr + cols, mask=cols < K, other=1.0)[None, :]
-    _round_and_store(x, x * rowmul, s2, r2, rows, cols, M, Mp, K, q2_ptr, q2_ptr, q2_ptr,
-                     seed + 1, True, False, False, FMAX2, MBITS2, MIN_EXP2, EMAX2,
-                     SR2)  # fmt: skip
+    u, s2, r2 = _col_operand(x, rowmul_ptr, s_col_ptr, r_col_ptr, rows, cols, M, K)
+    _round_and_store(x, u, s2, r2, rows, cols, M, Mp, K, q2_ptr, q2_ptr, q2_ptr, seed + 1, True,
+                     False, False, FMAX2, MBITS2, MIN_EXP2, EMAX2, SR2)  # fmt: skip
 
 
 @triton.jit
@@ -641,6 +635,13 @@ DY_STRATEGY = "tiles"
 # (tests/test_sm90_compile.py; at 8 warps and 4096 elements ptxas holds 64 registers and
 # spills); not timed
 DY_RESIDENT_WARPS = {4096: 16, 8192: 8, 16384: 16}
+
+
+def resident_blocks(k: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) of the resident-row kernels for rows of ``k`` elements: whole rows
+    (BLOCK_K the next power of two), RESIDENT_ELEMENTS a program, at least one row."""
+    block_k = next_pow2(k)
+    return max(1, RESIDENT_ELEMENTS // block_k), block_k
 
 
 @functools.cache
@@ -734,8 +735,7 @@ def _quantize(
         if not (m and k and row_fmt is not None):
             s_row.fill_(1.0)
         elif ROW_STRATEGY == "resident" and k <= RESIDENT_MAX_K:
-            block_k = next_pow2(k)
-            block_m = max(1, RESIDENT_ELEMENTS // block_k)
+            block_m, block_k = resident_blocks(k)
             q_rows = q if rows and store_q else empty_output((mp, k), fp8, dev)
             launch(
                 _quantize_rows_resident_kernel, (cdiv(mp, block_m),), x, x.stride(0),
@@ -793,8 +793,7 @@ def _quantize(
         FMAX_ROW=c1["FMAX"], FMAX_COL=c2["FMAX"], BLOCK=block, PARTS=16, num_warps=4,
     )  # fmt: skip
     if resident:
-        block_k = next_pow2(k)
-        block_m = max(1, RESIDENT_ELEMENTS // block_k)
+        block_m, block_k = resident_blocks(k)
         q2 = empty_output((mp, k), FP8_DTYPE[col_fmt], dev)
         launch(
             _quantize_dy_resident_kernel, (cdiv(mp, block_m),), x, x.stride(0),
