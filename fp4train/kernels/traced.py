@@ -1,14 +1,14 @@
-"""The quantize kernels' arithmetic in plain tensor ops, for torch.compile to fuse.
+"""The quantize kernels' numbers from plain tensor ops, for torch.compile to fuse.
 
-In eager mode every quantization is one of the Triton kernels of
-``fp4train.kernels.quantize``: it must read its input from memory. Under torch.compile the
-same operations written as tensor ops let Inductor fuse them into the op that produced the
-input (RMSNorm, SwiGLU, the previous backward op), as torchao's float8 training does, so the
-bf16 tensor need not be written and read again. The arithmetic is the kernels' (the same
-bit manipulation, IEEE division by the scale), so the numbers are the same bit for bit; the
-GPU tests check this. (Inductor may still skip a bf16 rounding between a fused producer and
-the quantization: the same caveat as for any compiled bf16 model.) Stochastic rounding is not
-available here (its Philox stream is the kernels'): callers use the kernels for it.
+In eager mode every quantization is one of the Triton kernels of ``fp4train.kernels.quantize``:
+it must read its input from memory. Under torch.compile the same operations written as tensor
+ops let Inductor fuse them into the op that produced the input (RMSNorm, SwiGLU, the previous
+backward op), as torchao's float8 training does, so the bf16 tensor need not be written and read
+again. The numbers are the kernels' bit for bit (the same scales, IEEE division by the scale,
+exact rounding to the grid, written for tensor ops); the GPU tests check this. (Inductor may
+still skip a bf16 rounding between a fused producer and the quantization: the same caveat as for
+any compiled bf16 model.) Stochastic rounding is not available here (its Philox stream is the
+kernels'): callers use the kernels for it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def _absmax_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
 
 
 def _round_to_grid(u: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The kernels' ``_round_to_grid`` (nearest-even, saturating, NaN kept) on float32 ``u``."""
+    """The kernels' ``_round_to_grid`` numbers (nearest-even, saturating, NaN kept) on float32
+    ``u``: scaled to the grid step, rounded by ``torch.round`` (half to even) and scaled back,
+    where the kernels add and subtract 2**(e + 23 - MBITS); both are exact, and the GPU test
+    ``test_compiled_traced_quantizers_equal_the_kernels`` compares their bits."""
     c = _GRID[fmt]
     bits = u.view(torch.int32)
     mag_bits = bits & 0x7FFFFFFF
