@@ -1,6 +1,6 @@
 """Sweep of the one-launch row quantization (``_quantize_rowblock_kernel``: X and W, both
 layouts) at the shapes of 1.3B and 7B layers, one change at a time, as a share of copy bandwidth
-(bytes read + written once); and of the tile of dY's quantize pass.
+(bytes read + written once). dY's passes: benchmarks/sweep_dy.py.
 
 What session 10 learned with it (benchmarks/NOTES.md has the tables): smaller row blocks and
 fewer programs are slower (the L2 does not overflow between the two walks); running the next
@@ -45,14 +45,6 @@ KNOBS = [  # name, overrides (_strategy, _elements, or the two-walk ROWBLOCK_CON
         dict(_strategy="two-walk", BLOCK_M=64, BLOCK_K=512, num_warps=16),
         "q+qt",
     ),
-]
-DY_SHAPES = [(8192, 4096), (8192, 11008)]
-DY_KNOBS = [  # name, TILE_CONFIG of the quantize pass
-    ("32x128 w4", dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)),
-    ("64x64 w4", dict(BLOCK_M=64, BLOCK_K=64, num_warps=4)),
-    ("128x64 w4", dict(BLOCK_M=128, BLOCK_K=64, num_warps=4)),
-    ("128x32 w4", dict(BLOCK_M=128, BLOCK_K=32, num_warps=4)),
-    ("DY_STRATEGY resident (rows in registers + FP8 transpose)", dict(_strategy="resident")),
 ]
 
 
@@ -107,43 +99,5 @@ def sweep() -> list[dict]:
     return rows
 
 
-def sweep_dy() -> list[dict]:
-    """dY's three launches with each quantize-pass tile: both operands, as ``bench quant``."""
-    rows = []
-    cfg0, strategy0 = dict(kq.TILE_CONFIG), kq.DY_STRATEGY
-    try:
-        for m, n in DY_SHAPES:
-            dy = _rotating(lambda m=m, n=n: torch.randn(m, n, device=DEVICE).bfloat16(), 3)
-            s_w = torch.rand(n, device=DEVICE) + 0.5
-            s_x = torch.rand(m, device=DEVICE) + 0.5
-            copy = _copy_gbps(m * n * 2)
-            dy0 = dy()
-            want = kq.quantize_rowwise_and_colwise(dy0, "e5m2", "e5m2", s_w, s_x)
-            for knob, over in DY_KNOBS:
-                over = dict(over)
-                kq.DY_STRATEGY = over.pop("_strategy", "tiles")
-                kq.TILE_CONFIG.clear()
-                kq.TILE_CONFIG.update(over or cfg0)
-                same, ms = _check_and_time(
-                    knob, lambda dy0=dy0, s_w=s_w, s_x=s_x: kq.quantize_rowwise_and_colwise(
-                        dy0, "e5m2", "e5m2", s_w, s_x
-                    ),
-                    lambda dy=dy, s_w=s_w, s_x=s_x: kq.quantize_rowwise_and_colwise(
-                        dy(), "e5m2", "e5m2", s_w, s_x
-                    ),
-                    want, (True,) * 4,
-                )  # fmt: skip
-                rows.append(dict(
-                    operand=f"dY bf16 {m}x{n}", tile=knob, ms=ms,
-                    pct_copy=100 * m * n * 4 / ms / 1e6 / copy, same_bits=same,
-                ))  # fmt: skip
-    finally:
-        kq.TILE_CONFIG.clear()
-        kq.TILE_CONFIG.update(cfg0)
-        kq.DY_STRATEGY = strategy0
-    return rows
-
-
 if __name__ == "__main__":
     print(format_table(sweep()))
-    print(format_table(sweep_dy()))

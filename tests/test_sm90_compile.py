@@ -42,7 +42,7 @@ def _compile_sm90(fn, sig: dict, constexprs: dict, num_warps: int) -> dict:
     """Compile ``fn`` for sm_90; returns ptxas's resource usage (REG, STACK, ...)."""
     sig = dict(sig, **{k: "constexpr" for k in constexprs})
     # runtime ints that need not be multiples of 16 (the others are at the launchers' shapes)
-    unaligned = ("M", "seed", "n_kt", "n_mt", "R", "n", "rank_lo", "rank_hi", "N")
+    unaligned = ("M", "seed", "n_rp", "n_mt", "R", "n", "rank_lo", "rank_hi", "N")
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
              if v not in ("constexpr", "fp32") and k not in unaligned}  # fmt: skip
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
@@ -72,29 +72,16 @@ def _resident_case(dtype: str, k: int, clamp: bool = False):
     sig = dict(x_ptr=f"*{dtype}", stride_xm="i32", colmul_ptr="*fp32", lo_ptr="*fp32",
                hi_ptr="*fp32", s_ptr="*fp32", q_ptr="*fp8e4nv", r_ptr="*bf16", M="i32", Mp="i32",
                K="i32", seed="i32")  # fmt: skip
-    block_m, block_k = kq.resident_blocks(k)
+    block_m, block_k, chunks = kq.resident_blocks(k)
     ce = dict(HAS_COLMUL=False, CLAMP=clamp, CLAMP_PER_ROW=False,
               **kq.format_constants("e2m1"), SR=False, BLOCK_M=block_m,
-              BLOCK_K=block_k)  # fmt: skip
+              BLOCK_K=block_k, CHUNKS=chunks)  # fmt: skip
     return kq._quantize_rows_resident_kernel, sig, ce, 8
 
 
 def _transpose_case():
     sig = dict(src_ptr="*u8", dst_ptr="*u8", R="i32", C="i32")
     return kq._transpose_kernel, sig, dict(BLOCK_R=64, BLOCK_C=64), 4
-
-
-def _dy_resident_case(k: int):
-    sig = dict(x_ptr="*bf16", stride_xm="i32", colmul_ptr="*fp32", rowmul_ptr="*fp32",
-               s_row_ptr="*fp32", s_col_ptr="*fp32", r_col_ptr="*fp32", q_ptr="*fp8e5",
-               q2_ptr="*fp8e5", M="i32", Mp="i32", K="i32", seed="i32")  # fmt: skip
-    c = kq.format_constants("e5m2")
-    block_m, block_k = kq.resident_blocks(k)
-    ce = dict(HAS_COLMUL=True, STORE_Q=True, **c, FMAX2=c["FMAX"], MBITS2=c["MBITS"],
-              MIN_EXP2=c["MIN_EXP"], EMAX2=c["EMAX"], SR1=False, SR2=False, BLOCK_M=block_m,
-              BLOCK_K=block_k)  # fmt: skip
-    warps = kq.DY_RESIDENT_WARPS.get(block_m * block_k, 8)
-    return kq._quantize_dy_resident_kernel, sig, ce, warps
 
 
 def _tile_case():
@@ -112,7 +99,7 @@ def _tile_case():
 
 def _amax_case():
     sig = dict(x_ptr="*bf16", stride_xm="i32", colmul_ptr="*fp32", rowmul_ptr="*fp32",
-               rpart_ptr="*fp32", cpart_ptr="*fp32", M="i32", K="i32", n_kt="i32")  # fmt: skip
+               rpart_ptr="*fp32", cpart_ptr="*fp32", M="i32", K="i32", n_rp="i32")  # fmt: skip
     cfg = dict(kq.AMAX_CONFIG)
     warps = cfg.pop("num_warps")
     return kq._amax_partials_kernel, sig, dict(HAS_COLMUL=True, ROW_AMAX=True, **cfg), warps
@@ -153,7 +140,7 @@ def _compensate_wgrad_case():
 
 def _scales_case():
     sig = dict(rpart_ptr="*fp32", cpart_ptr="*fp32", s_row_ptr="*fp32", r_row_ptr="*fp32",
-               s_col_ptr="*fp32", r_col_ptr="*fp32", M="i32", Mp="i32", K="i32", n_kt="i32",
+               s_col_ptr="*fp32", r_col_ptr="*fp32", M="i32", Mp="i32", K="i32", n_rp="i32",
                n_mt="i32")  # fmt: skip
     ce = dict(ROW_AMAX=True, FMAX_ROW=57344.0, FMAX_COL=57344.0, BLOCK=256, PARTS=16)
     return kq._scales_kernel, sig, ce, 4
@@ -205,12 +192,11 @@ CASES = {
     "resident rows bf16 K=4096": lambda: _resident_case("bf16", 4096),
     "resident rows bf16 K=11008, OCC clamp": lambda: _resident_case("bf16", 11008, True),
     "resident rows fp32 K=16384": lambda: _resident_case("fp32", 16384),
+    "resident rows bf16 K=11008 (3 chunks)": lambda: _resident_case("bf16", 11008),
+    "resident rows fp32 K=11008 (3 chunks)": lambda: _resident_case("fp32", 11008),
+    "resident rows bf16 K=5504 (3 chunks)": lambda: _resident_case("bf16", 5504),
     "FP8 transpose": _transpose_case,
     "dY quantize tile": _tile_case,
-    "dY resident rows K=4096": lambda: _dy_resident_case(4096),
-    "dY resident rows K=11008": lambda: _dy_resident_case(11008),
-    "dY resident rows K=2048": lambda: _dy_resident_case(2048),
-    "dY resident rows K=8192": lambda: _dy_resident_case(8192),
     "dY amax partials": _amax_case,
     "OCC gather columns bf16": lambda: _gather_case("bf16"),
     "OCC gather columns fp32": lambda: _gather_case("fp32"),

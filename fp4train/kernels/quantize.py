@@ -33,12 +33,12 @@ x [M, K]:
 
 So a tensor is read twice and every output written once, with no atomics and no dependence on
 L2 holding a row block between passes; a dY feeds both backward GEMMs from one such pass.
-(``DY_STRATEGY = "resident"``, opt-in until timed: step 1 computes only the column partials,
-and step 3 holds whole rows in registers, takes the row amax there and stores both operands
-row-major, the column-scaled one then transposed by ``_transpose_kernel``; the same bits.) The
-division v / s uses the per-row reciprocal r = 1/s (IEEE) and Markstein's correction
-``q = v·r; u = q + (v − q·s)·r`` (two FMAs), which is the correctly rounded quotient when r is
-the correctly rounded reciprocal (Markstein 1990); the tests check it against torch's division.
+(Holding dY's rows in registers instead, for one rounding pass without a transposed store and
+an FP8 transpose after it, measured slower on the H100: 0.167 against 0.102 ms at 8192 × 4096,
+session 12.) The division v / s uses the per-row reciprocal r = 1/s (IEEE) and Markstein's
+correction ``q = v·r; u = q + (v − q·s)·r`` (two FMAs), which is the correctly rounded quotient
+when r is the correctly rounded reciprocal (Markstein 1990); the tests check it against torch's
+division.
 
 Rows are padded to ``Mp`` (a multiple of 16, as ``torch._scaled_mm`` needs) with zeros; padded
 rows get scale 1.
@@ -244,11 +244,11 @@ def _amax_partials_kernel(
     stride_xm,
     colmul_ptr,  # [K] float32: the row-wise operand is x * colmul (HAS_COLMUL)
     rowmul_ptr,  # [M] float32: the column-wise operand is x * rowmul
-    rpart_ptr,  # [M, n_kt] float32: row amax of the row-wise operand over this tile (ROW_AMAX)
+    rpart_ptr,  # [M, n_rp] float32: row amax of the row-wise operand over SUB_K columns (ROW_AMAX)
     cpart_ptr,  # [n_mt, K] float32: column amax of the column-wise operand over this tile
     M,
     K,
-    n_kt,
+    n_rp,  # row partials per row: cdiv(K, BLOCK_K) * (BLOCK_K // SUB_K)
     HAS_COLMUL: tl.constexpr,
     ROW_AMAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -256,31 +256,33 @@ def _amax_partials_kernel(
     SUB_M: tl.constexpr,
     SUB_K: tl.constexpr,
 ):
+    """Per BLOCK_M x BLOCK_K tile, read once in SUB_M x SUB_K pieces: each column's amax of
+    x * rowmul (one partial per tile) and each row's amax of x * colmul (one partial per SUB_K
+    columns). The column maxima accumulate elementwise across the tile's rows, one reduction at
+    the end (a cross-warp reduction per piece stalls the loads: 0.088 ms against 0.05 at
+    8192 x 4096, benchmarks/sweep_dy.py)."""
     pid_k = tl.program_id(0)
     pid_m = tl.program_id(1)
-    for i in tl.static_range(BLOCK_M // SUB_M):
-        rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
-        rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
-        ramax = tl.zeros([SUB_M], dtype=tl.float32)
-        for j in tl.static_range(BLOCK_K // SUB_K):
-            cols = pid_k * BLOCK_K + j * SUB_K + tl.arange(0, SUB_K)
+    for j in tl.static_range(BLOCK_K // SUB_K):
+        cols = pid_k * BLOCK_K + j * SUB_K + tl.arange(0, SUB_K)
+        cacc = tl.zeros([SUB_M, SUB_K], dtype=tl.float32)
+        for i in tl.static_range(BLOCK_M // SUB_M):
+            rows = pid_m * BLOCK_M + i * SUB_M + tl.arange(0, SUB_M)
+            rowmul = tl.load(rowmul_ptr + rows, mask=rows < M, other=0.0)[:, None]
             x, v = _load_operand(
                 x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, 0.0, 0.0, HAS_COLMUL, False
             )
             if ROW_AMAX:
-                ramax = tl.maximum(ramax, tl.max(tl.abs(v), axis=1))
-            c = tl.max(tl.abs(x * rowmul), axis=0)
-            cp = cpart_ptr + pid_m * K + cols
-            if i > 0:
-                c = tl.maximum(c, tl.load(cp, mask=cols < K, other=0.0))
-            tl.store(cp, c, mask=cols < K)
-        if ROW_AMAX:
-            tl.store(rpart_ptr + rows.to(tl.int64) * n_kt + pid_k, ramax, mask=rows < M)
+                part = pid_k * (BLOCK_K // SUB_K) + j
+                tl.store(rpart_ptr + rows.to(tl.int64) * n_rp + part,
+                         tl.max(tl.abs(v), axis=1), mask=rows < M)  # fmt: skip
+            cacc = tl.maximum(cacc, tl.abs(x * rowmul))
+        tl.store(cpart_ptr + pid_m * K + cols, tl.max(cacc, axis=0), mask=cols < K)
 
 
 @triton.jit
 def _scales_kernel(
-    rpart_ptr,  # [M, n_kt] float32
+    rpart_ptr,  # [M, n_rp] float32
     cpart_ptr,  # [n_mt, K] float32
     s_row_ptr,  # [Mp] float32 row scales (ROW_AMAX)
     r_row_ptr,  # [Mp] float32 their reciprocals
@@ -289,7 +291,7 @@ def _scales_kernel(
     M,
     Mp,
     K,
-    n_kt,
+    n_rp,
     n_mt,
     ROW_AMAX: tl.constexpr,
     FMAX_ROW: tl.constexpr,
@@ -304,10 +306,10 @@ def _scales_kernel(
         # elementwise max across the loop, one reduction after it (a reduction inside the loop
         # crashes Triton 3.6's thread-locality pass)
         acc_r = tl.zeros([BLOCK, PARTS], dtype=tl.float32)
-        for p0 in range(0, n_kt, PARTS):
+        for p0 in range(0, n_rp, PARTS):
             parts = p0 + tl.arange(0, PARTS)
-            m2 = (rows < M)[:, None] & (parts < n_kt)[None, :]
-            t = tl.load(rpart_ptr + rows.to(tl.int64)[:, None] * n_kt + parts[None, :], mask=m2,
+            m2 = (rows < M)[:, None] & (parts < n_rp)[None, :]
+            t = tl.load(rpart_ptr + rows.to(tl.int64)[:, None] * n_rp + parts[None, :], mask=m2,
                         other=0.0)  # fmt: skip
             acc_r = tl.maximum(acc_r, t)
         amax = tl.max(acc_r, axis=1)
@@ -502,70 +504,36 @@ def _quantize_rows_resident_kernel(
     EMAX: tl.constexpr,
     SR: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # a power of two >= K: whole rows in registers
+    BLOCK_K: tl.constexpr,  # a power of two, CHUNKS * BLOCK_K >= K: whole rows in registers
+    CHUNKS: tl.constexpr,  # 1 or 3 (3/4 of a power of two pads less: 11008 to 12288, not 16384)
 ):
-    """BLOCK_M whole rows per program, read once from memory and held in registers: amax,
-    scale, rounding, one row-major store (the transposed layout is a separate FP8 transpose).
-    The arithmetic and the noise indices are ``_quantize_rowblock_kernel``'s: the same bits."""
+    """BLOCK_M whole rows per program, read once from memory and held in registers (in CHUNKS
+    pieces of BLOCK_K columns): amax, scale, rounding, one row-major store (the transposed
+    layout is a separate FP8 transpose). The arithmetic and the noise indices are
+    ``_quantize_rowblock_kernel``'s: the same bits."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     lo, hi = _clamp_bounds(lo_ptr, hi_ptr, rows, M, CLAMP, CLAMP_PER_ROW)
     x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL,
                          CLAMP)  # fmt: skip
-    s = _absmax_scale(tl.max(tl.abs(v), axis=1), FMAX)
+    amax = tl.max(tl.abs(v), axis=1)
+    if CHUNKS > 1:
+        x1, v1 = _load_operand(x_ptr, stride_xm, rows, cols + BLOCK_K, M, K, colmul_ptr, lo, hi,
+                               HAS_COLMUL, CLAMP)  # fmt: skip
+        x2, v2 = _load_operand(x_ptr, stride_xm, rows, cols + 2 * BLOCK_K, M, K, colmul_ptr, lo,
+                               hi, HAS_COLMUL, CLAMP)  # fmt: skip
+        amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)))
+    s = _absmax_scale(amax, FMAX)
     tl.store(s_ptr + rows, s, mask=rows < Mp)
-    _round_and_store(x, v, s[:, None], reciprocal(s)[:, None], rows, cols, M, Mp, K, q_ptr,
-                     q_ptr, r_ptr, seed, True, False, CLAMP, FMAX, MBITS, MIN_EXP, EMAX,
-                     SR)  # fmt: skip
-
-
-@triton.jit
-def _quantize_dy_resident_kernel(
-    x_ptr,  # [M, K], unit stride along K
-    stride_xm,
-    colmul_ptr,  # [K] float32: the row-wise operand is x * colmul (HAS_COLMUL)
-    rowmul_ptr,  # [M] float32: the column-wise operand is x * rowmul
-    s_row_ptr,  # [Mp] float32 row scales, written (STORE_Q)
-    s_col_ptr,  # [K] float32 column scales, read
-    r_col_ptr,  # [K] their reciprocals
-    q_ptr,  # [Mp, K] the row-scaled operand, row-major (STORE_Q)
-    q2_ptr,  # [Mp, K] the column-scaled operand, row-major (transposed afterwards)
-    M,
-    Mp,
-    K,
-    seed,  # Philox seed of the row-scaled operand (SR1); seed + 1 for the column-scaled one
-    HAS_COLMUL: tl.constexpr,
-    STORE_Q: tl.constexpr,
-    FMAX: tl.constexpr,
-    MBITS: tl.constexpr,
-    MIN_EXP: tl.constexpr,
-    EMAX: tl.constexpr,
-    FMAX2: tl.constexpr,
-    MBITS2: tl.constexpr,
-    MIN_EXP2: tl.constexpr,
-    EMAX2: tl.constexpr,
-    SR1: tl.constexpr,
-    SR2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # a power of two >= K: whole rows in registers
-):
-    """dY's second pass with ``DY_STRATEGY = "resident"``: BLOCK_M whole rows per program, read
-    once; the row amax and scale from the registers (no partials), both operands rounded and
-    stored row-major (the column-scaled one with the column scales of the first pass). The
-    arithmetic and the noise indices are ``_quantize_tile_kernel``'s: the same bits."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_K)
-    x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, 0.0, 0.0, HAS_COLMUL,
-                         False)  # fmt: skip
-    if STORE_Q:
-        s = _absmax_scale(tl.max(tl.abs(v), axis=1), FMAX)
-        tl.store(s_row_ptr + rows, s, mask=rows < Mp)
-        _round_and_store(x, v, s[:, None], reciprocal(s)[:, None], rows, cols, M, Mp, K, q_ptr,
-                         q_ptr, q_ptr, seed, True, False, False, FMAX, MBITS, MIN_EXP, EMAX,
-                         SR1)  # fmt: skip
-    u, s2, r2 = _col_operand(x, rowmul_ptr, s_col_ptr, r_col_ptr, rows, cols, M, K)
-    _round_and_store(x, u, s2, r2, rows, cols, M, Mp, K, q2_ptr, q2_ptr, q2_ptr, seed + 1, True,
-                     False, False, FMAX2, MBITS2, MIN_EXP2, EMAX2, SR2)  # fmt: skip
+    r = reciprocal(s)[:, None]
+    s = s[:, None]
+    _round_and_store(x, v, s, r, rows, cols, M, Mp, K, q_ptr, q_ptr, r_ptr, seed, True, False,
+                     CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR)  # fmt: skip
+    if CHUNKS > 1:
+        _round_and_store(x1, v1, s, r, rows, cols + BLOCK_K, M, Mp, K, q_ptr, q_ptr, r_ptr, seed,
+                         True, False, CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR)  # fmt: skip
+        _round_and_store(x2, v2, s, r, rows, cols + 2 * BLOCK_K, M, Mp, K, q_ptr, q_ptr, r_ptr,
+                         seed, True, False, CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR)  # fmt: skip
 
 
 @triton.jit
@@ -598,7 +566,9 @@ def transpose_bytes(src: torch.Tensor, dst: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------ launchers
 # tuned on an H100 for dY at 8192 x {2048, 4096, 11264} (benchmarks/NOTES.md: 14% faster than
 # the H200 choice 128x256/32x128 w8 + 64x64 w4); the interpreter ignores warps
-AMAX_CONFIG = dict(BLOCK_M=64, BLOCK_K=256, SUB_M=16, SUB_K=256, num_warps=4)
+# dY's amax pass (benchmarks/sweep_dy.py, H100, session 12: 0.037 ms at 8192 x 4096, a plain
+# read by torch 0.032; 0.080 ms at 8192 x 11008)
+AMAX_CONFIG = dict(BLOCK_M=128, BLOCK_K=128, SUB_M=32, SUB_K=128, num_warps=4)
 TILE_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
 # row-only quantization (X, W): the persistent row-block kernel, PER_SM programs per SM, by
 # the input's element size (benchmarks/sweep_rowblock.py, H100: 64-row blocks and 16 warps are
@@ -624,24 +594,18 @@ def rowblock_config(element_size: int, clamp: bool) -> dict:
 # 4096 elements a program beat 8192 at K = 4096, 70%, and tie wider)
 ROW_STRATEGY = "resident"
 RESIDENT_MAX_K = 16384
-RESIDENT_ELEMENTS = 4096  # elements per program (BLOCK_M whole rows, at least one); 8 warps
-# dY's two operands: "tiles" (amax partials of rows and columns, scales, one tile pass writing
-# q and the transposed q2_t) or "resident" (column amax partials and scales, then whole rows in
-# registers writing both operands row-major, then an FP8 transpose of q2: no row partials and
-# no transposed store in the rounding pass; rows up to RESIDENT_MAX_K wide). The same bits;
-# "resident" is interpreter-tested, not yet timed on a GPU (session 11).
-DY_STRATEGY = "tiles"
-# warps of its rows kernel by elements a program: spill-free with Triton 3.6 for sm_90
-# (tests/test_sm90_compile.py; at 8 warps and 4096 elements ptxas holds 64 registers and
-# spills); not timed
-DY_RESIDENT_WARPS = {4096: 16, 8192: 8, 16384: 16}
+RESIDENT_ELEMENTS = 4096  # elements per program (BLOCK_M whole rows, at least one)
 
 
-def resident_blocks(k: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_K) of the resident-row kernels for rows of ``k`` elements: whole rows
-    (BLOCK_K the next power of two), RESIDENT_ELEMENTS a program, at least one row."""
-    block_k = next_pow2(k)
-    return max(1, RESIDENT_ELEMENTS // block_k), block_k
+def resident_blocks(k: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, CHUNKS) of the resident-row kernel for rows of ``k`` elements: whole
+    rows, in one chunk of the next power of two p or, when k <= 3p/4, three chunks of p/4 (less
+    padding); RESIDENT_ELEMENTS // p rows a program, at least one."""
+    p = next_pow2(k)
+    block_m = max(1, RESIDENT_ELEMENTS // p)
+    if p >= 4 and 4 * k <= 3 * p:
+        return block_m, p // 4, 3
+    return block_m, p, 1
 
 
 @functools.cache
@@ -735,14 +699,14 @@ def _quantize(
         if not (m and k and row_fmt is not None):
             s_row.fill_(1.0)
         elif ROW_STRATEGY == "resident" and k <= RESIDENT_MAX_K:
-            block_m, block_k = resident_blocks(k)
+            block_m, block_k, chunks = resident_blocks(k)
             q_rows = q if rows and store_q else empty_output((mp, k), fp8, dev)
             launch(
                 _quantize_rows_resident_kernel, (cdiv(mp, block_m),), x, x.stride(0),
                 colmul, lo_, hi_, s_row, q_rows, resid if clamp else q_rows, m, mp, k, seed,
                 HAS_COLMUL=col_scale is not None, CLAMP=clamp, CLAMP_PER_ROW=per_row,
                 **format_constants(row_fmt), SR=sr_row, BLOCK_M=block_m, BLOCK_K=block_k,
-                num_warps=8,
+                CHUNKS=chunks, num_warps=8,
             )  # fmt: skip
             if rows and store_qt:
                 transpose_bytes(q_rows, q_t)
@@ -772,40 +736,25 @@ def _quantize(
         return q, s_row, q_t, q2_t, s_col, None
     # the internal float32 buffers in one allocation (each torch.empty costs the host µs)
     a = AMAX_CONFIG
-    resident = DY_STRATEGY == "resident" and k <= RESIDENT_MAX_K
     n_kt, n_mt = cdiv(k, a["BLOCK_K"]), cdiv(m, a["BLOCK_M"])
-    n_rp = m * n_kt if rows and not resident else 1
+    n_rp = n_kt * (a["BLOCK_K"] // a["SUB_K"])  # row partials per row
+    n_rpart = m * n_rp if rows else 1
     r_row, r_col, rpart, cpart = torch.empty(
-        n_s + k + n_rp + n_mt * k, dtype=torch.float32, device=dev
-    ).split_with_sizes([n_s, k, n_rp, n_mt * k])  # (Tensor.split is a slower Python wrapper)
+        n_s + k + n_rpart + n_mt * k, dtype=torch.float32, device=dev
+    ).split_with_sizes([n_s, k, n_rpart, n_mt * k])  # (Tensor.split is a slower Python wrapper)
     dummy = rpart
     has_colmul = col_scale is not None
-    row_amax = rows and not resident  # resident rows take their amax from the registers
     launch(
         _amax_partials_kernel, (n_kt, n_mt), x, x.stride(0), col_scale if has_colmul else dummy,
-        row_scale, rpart, cpart, m, k, n_kt, HAS_COLMUL=has_colmul, ROW_AMAX=row_amax, **a,
+        row_scale, rpart, cpart, m, k, n_rp, HAS_COLMUL=has_colmul, ROW_AMAX=rows, **a,
     )  # fmt: skip
     block = 256
-    n_progs = (cdiv(mp, block) if row_amax else 0) + cdiv(k, block)
+    n_progs = (cdiv(mp, block) if rows else 0) + cdiv(k, block)
     launch(
-        _scales_kernel, (n_progs,), rpart, cpart, s_row if row_amax else dummy,
-        r_row if row_amax else dummy, s_col, r_col, m, mp, k, n_kt, n_mt, ROW_AMAX=row_amax,
+        _scales_kernel, (n_progs,), rpart, cpart, s_row if rows else dummy,
+        r_row if rows else dummy, s_col, r_col, m, mp, k, n_rp, n_mt, ROW_AMAX=rows,
         FMAX_ROW=c1["FMAX"], FMAX_COL=c2["FMAX"], BLOCK=block, PARTS=16, num_warps=4,
     )  # fmt: skip
-    if resident:
-        block_m, block_k = resident_blocks(k)
-        q2 = empty_output((mp, k), FP8_DTYPE[col_fmt], dev)
-        launch(
-            _quantize_dy_resident_kernel, (cdiv(mp, block_m),), x, x.stride(0),
-            col_scale if has_colmul else dummy, row_scale, s_row if rows else dummy, s_col,
-            r_col, q if rows and store_q else q2, q2, m, mp, k, seed, HAS_COLMUL=has_colmul,
-            STORE_Q=rows and store_q, **c1, FMAX2=c2["FMAX"], MBITS2=c2["MBITS"],
-            MIN_EXP2=c2["MIN_EXP"], EMAX2=c2["EMAX"], SR1=rows and sr_row, SR2=sr_col,
-            BLOCK_M=block_m, BLOCK_K=block_k,
-            num_warps=DY_RESIDENT_WARPS.get(block_m * block_k, 8),
-        )  # fmt: skip
-        transpose_bytes(q2, q2_t)
-        return q, s_row, q_t, q2_t, s_col, None
     t = TILE_CONFIG
     grid = (cdiv(k, t["BLOCK_K"]), cdiv(mp, t["BLOCK_M"]))
     launch(
