@@ -18,6 +18,7 @@ Examples::
     fp4train bench linear                      # the four LLaMA-7B shapes, M = 8192 tokens
     fp4train bench linear --shapes 4096x4096 --recipes fp8 fp4-dge
     fp4train bench quant --results benchmarks/RESULTS.md
+    fp4train bench quant --shapes 4096x4096 11008x4096   # X [M, K], W [N, K], dY [M, N]
     fp4train bench step --models 125m 1.3b --batch 4 --seq 2048
     fp4train bench memory --models 1.3b --recipes bf16 fp4-dge "fp4-dge[act_save=e4m3]"
     fp4train bench all
@@ -627,8 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--shapes",
         nargs="+",
         type=_parse_shape,
-        default=list(DEFAULT_SHAPES),
-        help="K x N of the layer (default: the LLaMA-7B shapes and 8192x8192)",
+        default=None,
+        help="K x N of the layer (default: linear the LLaMA-7B shapes and 8192x8192; quant and "
+        "profile 4096x4096, profile times the first shape given)",
     )
     p.add_argument("--tokens", type=int, default=8192, help="M, tokens per batch (8192)")
     p.add_argument(
@@ -672,18 +674,22 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     if args.what in ("linear", "all"):
         rows = bench_linear(
-            args.shapes, args.recipes or DEFAULT_RECIPES, m=args.tokens, cuda_graph=args.cuda_graph
+            args.shapes or DEFAULT_SHAPES,
+            args.recipes or DEFAULT_RECIPES,
+            m=args.tokens,
+            cuda_graph=args.cuda_graph,
         )
         out.append(_header("FP4Linear fwd+bwd vs bf16 nn.Linear") + "\n" + format_table(rows))
     if args.what in ("quant", "all"):
-        out.append(
-            _header("quantize kernels vs copy bandwidth")
-            + "\n"
-            + format_table(bench_quant(m=args.tokens))
-        )
+        for k, n in args.shapes or [(4096, 4096)]:
+            out.append(
+                _header(f"quantize kernels vs copy bandwidth, M x K x N = {args.tokens}x{k}x{n}")
+                + "\n"
+                + format_table(bench_quant(m=args.tokens, k=k, n=n))
+            )
     if args.what in ("profile", "all"):
         for r in args.recipes or ("fp4-dge", "fp4-paper"):
-            k, n = args.shapes[0]
+            k, n = (args.shapes or [(4096, 4096)])[0]
             out.append(
                 _header(f"FP4Linear {recipe_name(r)} fwd+bwd by kernel, {args.tokens}x{k}x{n}")
                 + "\n"
