@@ -274,7 +274,9 @@ def profile_linear(
     lo = hi = None
     if r.occ is not None:
         lo, hi = kocc.occ_thresholds(x, r.occ.alpha, r.occ.granularity)
-    q_x, s_x, q_x_t, resid = kq.quantize_rows(x, fx, lo=lo, hi=hi, store_qt=True)
+    out8 = r.occ is not None and r.occ.compensate and r.occ.compensation == "e4m3"
+    q_x, s_x, q_x_t, resid = kq.quantize_rows(x, fx, lo=lo, hi=hi, store_qt=True,
+                                              outliers_e4m3=out8)  # fmt: skip
     q_w, s_w, q_w_t, _ = kq.quantize_rows(w, fw, store_qt=True)
     q_dy, s_dy, q_dy2_t, s_dy2 = kq.quantize_rowwise_and_colwise(dy, fdy, fdy2, s_w, s_x)
     dw32 = klin.scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32)
@@ -284,14 +286,14 @@ def profile_linear(
             ("OCC thresholds", lambda: kocc.occ_thresholds(x, r.occ.alpha, r.occ.granularity))
         )
     steps += [
-        ("quantize X (both layouts)",
-         lambda: kq.quantize_rows(x, fx, lo=lo, hi=hi, store_qt=True)),
+        ("quantize X (both layouts)" + (", outliers in E4M3" if out8 else ""),
+         lambda: kq.quantize_rows(x, fx, lo=lo, hi=hi, store_qt=True, outliers_e4m3=out8)),
         ("quantize W (both layouts)", lambda: kq.quantize_rows(w, fw, store_qt=True)),
         ("fwd GEMM (_scaled_mm)", lambda: klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)),
     ]  # fmt: skip
     if r.occ is not None and r.occ.compensate:
         y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
-        if r.occ.compensation == "columns":
+        if r.occ.compensation in ("columns", "e4m3"):  # e4m3: R beyond E4M3's range
             order, cnt = kocc.outlier_columns(resid)
             r_c = kocc.gather_columns(resid, order, cnt)
             steps += [

@@ -89,9 +89,16 @@ def reference_forward(
     else:
         x_c = x_hp
     qx = _quant(x_c, recipe.fwd_x, reduce_dim=1, nonfinite=nf)
+    if residual is not None and recipe.occ.compensation == "e4m3":
+        # the outliers ride in X's FP8 operand on the E4M3 grid; only the part beyond
+        # E4M3's range (R₂, usually empty) stays for the high-precision products
+        data8, r2 = _occ.outliers_on_e4m3(x_hp, x_c.float(), qx.data, qx.scale)
+        qx = QuantizedTensor(data8, qx.scale, qx.fmt, qx.granularity, qx.block_size)
+        residual = _occ.SparseResidual.from_dense(r2)
     qw = _quant(w_hp, recipe.fwd_w, reduce_dim=1, nonfinite=nf)
     x_hat, w_hat = _deq(qx, x_c), _deq(qw, w_hp)
     # fwd: Y = Q(X_c) · Q(W)ᵀ + R · Wᵀ   [M,K] @ [K,N] -> [M,N]
+    # (compensation "e4m3": Y = (Q(X_c) + O) · Q(W)ᵀ + R₂ · Wᵀ, O the outliers in E4M3)
     y = x_hat @ w_hat.t()
     r_idx = r_val = None
     if residual is not None:

@@ -95,6 +95,12 @@ def activation_stats(x: torch.Tensor, recipe: Recipe) -> dict[str, float]:
         if recipe.occ.compensate:
             compensation = residual.to_dense().float()
     q = _quantize_ref(x_c, recipe.fwd_x)
+    if compensation is not None and recipe.occ.compensation == "e4m3":
+        from fp4train.occ import outliers_on_e4m3
+
+        data8, r2 = outliers_on_e4m3(x, x_c, q.data, q.scale)
+        q = type(q)(data8, q.scale, q.fmt, q.granularity, q.block_size)
+        compensation = r2
     seen = q.dequantize()
     if compensation is not None:
         seen = seen + compensation

@@ -10,6 +10,17 @@ the clamped-off part back in high precision:
     R      = X − X_c                                        (sparse: ≈ 2(1 − α) of entries)
     Y      = Q(X_c) · Q(W)ᵀ + R · Wᵀ                        (R · Wᵀ in float32)
 
+**Compensation on the E4M3 grid** (``OCCConfig.compensation = "e4m3"``, :func:`outliers_on_e4m3`,
+not the paper's). With one absmax scale s per row of the clamped X, an outlier x of that row
+has x / s = 6 · x / (the row's clamp bound) (E2M1's max is 6), and E4M3 holds that quotient to
+2⁻⁴ relative error for |x| up to 448 · s (74.7× the bound). Storing E4M3(x / s) in the FP4
+operand's place folds the compensation into the FP8 GEMMs (E2M1 ⊂ E4M3, the operand stays
+FP8): Y = (Q(X_c) + O) · Q(W)ᵀ + R₂ · Wᵀ with O the outliers on the E4M3 grid, and only
+R₂ = X − clamp(X, −448 · s, 448 · s), the part beyond E4M3's range, left for a high-precision
+product (zero unless an outlier exceeds 74.7× its bound). The outliers then meet the quantized
+Q(W) instead of W, and carry E4M3's rounding; what that costs against the paper's R · Wᵀ is
+measured in benchmarks/NOTES.md.
+
 The paper's equation takes one quantile per tensor, its released code one per token (row):
 ``granularity="tensor"`` or ``"row"``. Its measurements on a 1.3B model's activations
 (cosine / MSE / SNR dB vs. the unquantized tensor): no clamping 92.19% / 0.1055 / 8.31;
@@ -41,9 +52,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["quantile_thresholds", "clamp_outliers", "SparseResidual", "GRANULARITIES"]
+__all__ = [
+    "quantile_thresholds",
+    "clamp_outliers",
+    "outliers_on_e4m3",
+    "SparseResidual",
+    "GRANULARITIES",
+    "E4M3_MAX",
+]
 
 GRANULARITIES = ("tensor", "row")
+E4M3_MAX = 448.0  # the largest E4M3 value: outliers beyond E4M3_MAX · scale leave a residual
 
 
 def _check_x(x: torch.Tensor, granularity: str) -> None:
@@ -173,6 +192,13 @@ class SparseResidual:
                 f"shape {tuple(self.indices.shape)}"
             )
 
+    @classmethod
+    def from_dense(cls, r: torch.Tensor) -> SparseResidual:
+        """The nonzero entries of a dense residual ``r`` (their values as they are)."""
+        flat = r.reshape(-1)
+        idx = flat.nonzero().squeeze(1)
+        return cls(idx, flat[idx], r.shape)
+
     @property
     def nnz(self) -> int:
         """Number of stored (nonzero) entries."""
@@ -280,3 +306,33 @@ def clamp_outliers(
     idx = (flat != flat_c).nonzero().squeeze(1)  # [nnz], ascending
     values = flat[idx].to(wide) - flat_c[idx].to(wide)
     return x_clamped, SparseResidual(idx, values, x.shape)
+
+
+def outliers_on_e4m3(
+    x: torch.Tensor, x_c: torch.Tensor, data: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold OCC's outliers into the quantized operand on the E4M3 grid (see the module
+    docstring): ``(data8, r2)``.
+
+    x, x_c [M, K] float32: the activation and its clamp; ``data`` [M, K] float32: the grid
+    values of x_c / scale (e.g. E2M1); ``scale`` [M, 1] float32: its row scales. ``data8`` is
+    ``data`` with every outlier (x != x_c) replaced by x / scale (a correctly rounded float32
+    quotient) rounded to E4M3, to nearest even and saturating at ±448; ``r2`` [M, K] float32,
+    dense, is x − clamp(x, −t, t) with t = 448 · scale (float32): zero unless |x| > t.
+    The triton backend computes the same numbers (r2 rounded to bf16).
+    """
+    from fp4train.formats import round_to_format
+
+    for name, t in (("x", x), ("x_c", x_c), ("data", data), ("scale", scale)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"outliers_on_e4m3 needs float32 {name}, got {t.dtype}")
+    if x.ndim != 2 or x_c.shape != x.shape or data.shape != x.shape:
+        raise ValueError(
+            f"x, x_c and data must share one [M, K] shape, got {tuple(x.shape)}, "
+            f"{tuple(x_c.shape)}, {tuple(data.shape)}"
+        )
+    if scale.shape != (x.shape[0], 1):
+        raise ValueError(f"scale must be [M, 1] = [{x.shape[0]}, 1], got {tuple(scale.shape)}")
+    data8 = torch.where(x != x_c, round_to_format(x / scale, "e4m3"), data)
+    t = scale * E4M3_MAX
+    return data8, x - torch.clamp(x, min=-t, max=t)

@@ -65,6 +65,7 @@ _BACKENDS = ("auto", "triton", "reference")
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 _GRAD_COMMS = (None, "e5m2", "e4m3")
 ACT_SAVES = (None, "e4m3")  # how Recipe.act_save may store saved activations
+OCC_COMPENSATIONS = ("dense", "columns", "e4m3")  # OCCConfig.compensation
 # granularities whose scales sit off the GEMM's reduction dim (or blocks along it)
 _ALLOWED_GRAN = {
     "fwd_x": ("tensor", "row", "block"),
@@ -113,10 +114,14 @@ class OCCConfig:
     alpha: float = 0.99
     granularity: str = "tensor"  # "tensor" (the paper's equation) or "row" (its released code)
     compensate: bool = True  # add R·Wᵀ back in high precision
-    # how the triton backend computes the compensation products (the same numbers up to the
-    # order of the sums; the reference backend ignores it): "dense" bf16 GEMMs over all K
-    # columns, or "columns": only over the columns holding an outlier (fp4train.kernels.occ),
-    # cheaper when the outliers sit in a few channels, as in LLM activations
+    # how the compensation is computed. "dense" and "columns" are the paper's R·Wᵀ and differ
+    # only in how the triton backend runs it (the same numbers up to the order of the sums;
+    # the reference backend ignores the choice): bf16 GEMMs over all K columns, or only over
+    # the columns holding an outlier (fp4train.kernels.occ), cheaper when the outliers sit in
+    # a few channels, as in LLM activations. "e4m3" is not the paper's: the outliers ride in
+    # X's FP8 operand on the E4M3 grid (no extra GEMM) and meet Q(W) instead of W; only the
+    # part of an outlier beyond 74.7x its row's clamp bound stays for a high-precision
+    # product (fp4train.occ.outliers_on_e4m3). Needs a row-wise E2M1 X.
     compensation: str = "dense"
 
 
@@ -371,8 +376,21 @@ def _validate(r: Recipe) -> None:
             raise bad("occ.granularity", r.occ.granularity, ("tensor", "row"))
         if not isinstance(r.occ.compensate, bool):
             raise bad("occ.compensate", r.occ.compensate, (True, False))
-        if r.occ.compensation not in ("dense", "columns"):
-            raise bad("occ.compensation", r.occ.compensation, ("dense", "columns"))
+        if r.occ.compensation not in OCC_COMPENSATIONS:
+            raise bad("occ.compensation", r.occ.compensation, OCC_COMPENSATIONS)
+        if r.occ.compensation == "e4m3":
+            if not r.occ.compensate:
+                raise ValueError("occ.compensation='e4m3' needs occ.compensate=True")
+            if (r.fwd_x.format, r.fwd_x.granularity) != ("e2m1", "row"):
+                raise ValueError(
+                    "occ.compensation='e4m3' stores outliers in the FP8 operand of a row-wise "
+                    f"E2M1 X; got fwd_x = {r.fwd_x.format} {r.fwd_x.granularity}"
+                )
+            if not r.wgrad_x.reuse_fwd:
+                raise ValueError(
+                    "occ.compensation='e4m3' needs wgrad_x = 'fwd' (wgrad reuses the forward's "
+                    "X, outliers included)"
+                )
         if not r.fwd_x.quantized:
             raise ValueError("recipe field 'occ' needs a quantized activation (fwd_x.format)")
     if r.backend not in _BACKENDS:

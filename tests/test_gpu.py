@@ -138,6 +138,13 @@ def test_compiled_traced_quantizers_equal_the_kernels(dtype, gen):
     want = kq.quantize_rows(xb, "e2m1", lo=lo, hi=hi, store_qt=True)
     for name, a, b in zip(("q", "scale", "q_t", "resid"), f(xb), want, strict=True):
         _assert_same(a, b, f"compiled clamped {name}", seed)
+    xo = xb.clone()
+    xo[3, 5], xo[10, 7] = 900.0, -2000.0  # beyond 448 · scale: a residual
+    f = torch.compile(lambda x: traced.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True,
+                                                     outliers_e4m3=True))  # fmt: skip
+    want = kq.quantize_rows(xo, "e2m1", lo=lo, hi=hi, store_qt=True, outliers_e4m3=True)
+    for name, a, b in zip(("q", "scale", "q_t", "resid"), f(xo), want, strict=True):
+        _assert_same(a, b, f"compiled clamped, outliers in E4M3, {name}", seed)
     s_w = torch.rand(1040, device="cuda", generator=g) + 0.01
     s_x = torch.rand(1000, device="cuda", generator=g) * 3
     f = torch.compile(lambda d: traced.quantize_rowwise_and_colwise(d, "e5m2", "e5m2", s_w, s_x))
@@ -160,6 +167,14 @@ def test_occ_thresholds_and_clamp_bit_exact(granularity, gen):
     want = _twin(ref.quantize_rows, x, "e2m1", lo=lo_r, hi=hi_r, store_qt=True)
     for name, a, b in zip(("q", "scale", "q_t", "resid"), got, want, strict=True):
         _assert_same(a, b, f"clamped X {name}", seed)
+    # compensation "e4m3": the outliers on the E4M3 grid, a few beyond its range
+    x[7, 100], x[900, 3000], x[1500, 4095] = 4000.0, -9000.0, 300.0
+    lo, hi = kocc.occ_thresholds(x, 0.99, granularity)
+    got = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True, outliers_e4m3=True)
+    want = _twin(ref.quantize_rows, x, "e2m1", lo=lo, hi=hi, store_qt=True, outliers_e4m3=True)
+    for name, a, b in zip(("q", "scale", "q_t", "resid"), got, want, strict=True):
+        _assert_same(a, b, f"clamped X, outliers in E4M3, {name}", seed)
+    assert 0 < int((got[3] != 0).sum()) <= 3, f"{int((got[3] != 0).sum())} beyond E4M3's range"
 
 
 @pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 5632), (torch.float32, 2048)])
@@ -266,7 +281,16 @@ def test_scaled_mm_rowwise_accumulation(gen):
 
 @pytest.mark.parametrize(
     "preset",
-    ["fp8", "fp4-direct", "fp4-dge", "fp4-occ", "fp4-paper", "fp4-paper columns", "fp4-dge fast"],
+    [
+        "fp8",
+        "fp4-direct",
+        "fp4-dge",
+        "fp4-occ",
+        "fp4-paper",
+        "fp4-paper columns",
+        "fp4-paper e4m3",
+        "fp4-dge fast",
+    ],
 )
 @pytest.mark.parametrize("occ_granularity", ["tensor", "row"])
 def test_fp4linear_triton_matches_reference(preset, occ_granularity, gen):
@@ -277,8 +301,8 @@ def test_fp4linear_triton_matches_reference(preset, occ_granularity, gen):
         pytest.skip("no OCC in this preset")
     if recipe.occ is not None:
         recipe = recipe.replace(**{"occ.granularity": occ_granularity})
-    if variant == "columns":  # the compensation over the 8 outlier channels only
-        recipe = recipe.replace(**{"occ.compensation": "columns"})
+    if variant in ("columns", "e4m3"):  # over the 8 outlier channels / in the FP8 operand
+        recipe = recipe.replace(**{"occ.compensation": variant})
     if variant == "fast":  # fast accumulation: the reference sums in float32
         recipe = recipe.replace(fast_accum=True)
     x = torch.randn(3, 333, 512, device="cuda", generator=g)

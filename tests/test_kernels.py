@@ -30,6 +30,7 @@ CHECKS = [
     "occ_thresholds_row",
     "occ_thresholds_sampled",
     "clamp_and_residual",
+    "clamp_outliers_e4m3",
     "dge_weight_grad",
     "occ_column_compensation",
     "linear_matches_reference",
@@ -266,6 +267,53 @@ def check_clamp_and_residual(g):
             raise AssertionError(f"{granularity}: wgrad compensation relative error {err:.2e}")
 
 
+def check_clamp_outliers_e4m3(g):
+    """``quantize_rows(..., outliers_e4m3=True)``: bit for bit its reference twin, both row
+    strategies; independently (float64 and ml_dtypes' E4M3 cast), inliers are the clamped
+    quantization's, each outlier is x / scale (float32) rounded to E4M3 and saturated at 448,
+    and the residual is the float64 x − clamp(x, ±448·scale) rounded once to bf16."""
+    import ml_dtypes
+    import numpy as np
+
+    from fp4train.kernels import occ as kocc
+    from fp4train.kernels import quantize as kq
+    from fp4train.kernels import reference as ref
+
+    x = torch.randn(40, 96, generator=g)
+    x[:, 5] *= 30
+    x[3, 7], x[9, 50], x[20, 95] = 5000.0, -3000.0, 400.0  # beyond E4M3's range: 2 or 3
+    x = x.bfloat16()
+    strategy = kq.ROW_STRATEGY
+    try:
+        for granularity in ("tensor", "row"):
+            lo, hi = kocc.occ_thresholds(x, 0.99, granularity)
+            plain = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True)
+            want = ref.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True, outliers_e4m3=True)
+            for strat in ("resident", "two-walk"):
+                kq.ROW_STRATEGY = strat
+                got = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True,
+                                       outliers_e4m3=True)  # fmt: skip
+                for name, a, b in zip(("q", "scale", "q_t", "resid"), got, want, strict=True):
+                    assert_same_bits(a, b, f"{granularity} {strat} outliers in E4M3: {name}")
+            q, s = got[0][:40].float(), got[1][:40, None]
+            assert_same_bits(s, plain[1][:40, None], f"{granularity}: scales of the clamped x")
+            xf = x.float()
+            out = (xf < lo.reshape(-1, 1)) | (xf > hi.reshape(-1, 1))
+            assert_same_bits(q[~out], plain[0][:40].float()[~out], f"{granularity}: inliers")
+            u = (xf / s).numpy()  # float32 quotients, as the kernels divide
+            e4m3 = np.clip(u, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+            assert_same_bits(q[out], torch.from_numpy(e4m3)[out], f"{granularity}: outliers")
+            t = s.double() * 448.0
+            r = x.double() - torch.minimum(torch.maximum(x.double(), -t), t)
+            if not torch.equal(got[3], r.bfloat16()):
+                raise AssertionError(f"{granularity}: residual differs from x - clamp(x, ±448 s)")
+            n_beyond = int((got[3] != 0).sum())
+            if not 2 <= n_beyond <= 3:
+                raise AssertionError(f"{granularity}: {n_beyond} values beyond E4M3's range")
+    finally:
+        kq.ROW_STRATEGY = strategy
+
+
 def check_dge_weight_grad(g):
     from fp4train.kernels import dge as kdge
     from fp4train.kernels import quantize as kq
@@ -319,6 +367,8 @@ def check_linear_matches_reference(g):
         paper.replace(act_save="e4m3"),  # R kept in E4M3 for wgrad
         paper.replace(**{"occ.compensation": "columns"}),  # over the 2 outlier columns
         paper.replace(**{"occ.compensation": "columns"}, act_save="e4m3"),
+        paper.replace(**{"occ.compensation": "e4m3"}),  # outliers in the FP8 operand
+        paper.replace(**{"occ.compensation": "e4m3", "occ.granularity": "row"}),
     ]:
         name = f"{recipe.name} act_save={recipe.act_save} {recipe.occ}"
         y, saved = kernels.linear_forward(x, w, recipe)
@@ -339,6 +389,21 @@ def check_linear_matches_reference(g):
             # same quantized operands; outputs rounded to bf16 (2**-9) once more
             if not err < 5e-3 + (slack if what == "dw" else 0.0):
                 raise AssertionError(f"{name} {what}: relative error {err:.2e} (slack {slack:.2e})")
+    # compensation "e4m3" with two values beyond E4M3's range (74.7x their row's clamp
+    # bound): the residual's column products add them back, as the reference's R₂ · Wᵀ
+    xm = x.clone()
+    xm[4, 10], xm[30, 60] = 3000.0, -5000.0
+    recipe = paper.replace(**{"occ.compensation": "e4m3"})
+    y, saved = kernels.linear_forward(xm, w, recipe)
+    if int(saved[7]) != 2:  # n, the residual's columns
+        raise AssertionError(f"e4m3: {int(saved[7])} residual columns, want 2")
+    dx, dw = kernels.linear_backward(saved, dy, w, recipe, True, True)
+    y_r, saved_r = reference_forward(xm, w, recipe)
+    dx_r, dw_r = reference_backward(saved_r, dy, w, recipe, True, True)
+    for what, a, b in (("y", y, y_r), ("dx", dx, dx_r), ("dw", dw, dw_r)):
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        if not err < 5e-3:
+            raise AssertionError(f"e4m3 beyond E4M3's range {what}: relative error {err:.2e}")
 
 
 def check_linear_passes_fast_accum(g):
@@ -412,8 +477,10 @@ def check_compiled_model_matches_eager(g):
     lin._use_triton = lambda x, layer: True  # CPU tensors: the interpreter runs the kernels
     try:
         columns = Recipe.preset("fp4-paper").replace(**{"occ.compensation": "columns"})
+        e4m3 = Recipe.preset("fp4-paper").replace(**{"occ.compensation": "e4m3"})
         for name, recipe in [(n, Recipe.preset(n)) for n in ("fp4-dge", "fp4-paper")] + [
-            ("fp4-paper, column compensation", columns)
+            ("fp4-paper, column compensation", columns),
+            ("fp4-paper, outliers in E4M3", e4m3),
         ]:
             torch._dynamo.reset()
             model = nn.Sequential(

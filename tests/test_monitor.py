@@ -67,6 +67,9 @@ def test_occ_compensation_raises_snr_on_outliers():
     assert occ["snr_db"] > no_comp["snr_db"]
     assert occ["snr_db"] > direct["snr_db"] + 3, (direct, occ)
     assert occ["underflow"] < direct["underflow"]
+    # outliers in the FP8 operand (E4M3's 2**-4 rounding instead of exact): between the two
+    e4m3 = activation_stats(x, Recipe.preset("fp4-paper").with_overrides(["occ.compensation=e4m3"]))
+    assert no_comp["snr_db"] < e4m3["snr_db"] <= occ["snr_db"], (no_comp, e4m3, occ)
 
 
 def test_hooks_record_every_fp4_linear():

@@ -1,9 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from fp4train.occ import SparseResidual, clamp_outliers, quantile_thresholds
+from fp4train.occ import SparseResidual, clamp_outliers, outliers_on_e4m3, quantile_thresholds
+from fp4train.quantize import quantize
 
 ALPHAS = (0.51, 0.75, 0.97, 0.99, 0.999)
 
@@ -236,3 +238,43 @@ def test_cuda_matches_cpu():
         assert torch.equal(r_d.values.cpu(), r.values)
         torch.testing.assert_close(r_d.matmul_t(w.cuda()).cpu(), r.matmul_t(w))
         torch.testing.assert_close(r_d.t_matmul(dy.cuda()).cpu(), r.t_matmul(dy))
+
+
+# ----------------------------------------------------------------------------- outliers in E4M3
+def test_outliers_on_e4m3_against_ml_dtypes():
+    """Independent reference: each outlier is x / scale (float32 division) cast to E4M3 by
+    ml_dtypes after clipping to ±448; inliers keep the E2M1 data; r2 is x − clamp(x, ±t),
+    t = 448·scale, in float64 rounded once to float32, and zero unless |x| > t."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    g = torch.Generator().manual_seed(5)
+    x = _heavy_tailed((64, 200), g)
+    x[3, 7], x[40, 100] = 1e5, -3e4  # beyond 448 · scale
+    x_c, r = clamp_outliers(x, 0.99, "row")
+    q = quantize(x_c, "e2m1", "row")
+    data8, r2 = outliers_on_e4m3(x, x_c, q.data, q.scale)
+    out = x != x_c
+    assert 0 < int(out.sum()) < x.numel() // 20
+    assert torch.equal(data8[~out], q.data[~out])
+    u = (x / q.scale).numpy()
+    want = np.clip(u, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    assert torch.equal(data8[out], torch.from_numpy(want)[out])
+    t = (q.scale * 448).double()  # the float32 product, as the definition takes it
+    # a float64 difference of float32 values, rounded once: the float32 subtraction
+    assert torch.equal(r2, (x.double() - torch.clamp(x.double(), -t, t)).float())
+    beyond = r2 != 0
+    assert beyond[3, 7] and beyond[40, 100] and int(beyond.sum()) <= 4
+    assert (data8[beyond].abs() == 448).all()
+    # together they give x back to E4M3's rounding (2**-4 relative) where it is in range
+    back = data8 * q.scale + r2
+    assert ((back - x).abs() <= 2**-4 * x.abs() + 1e-6)[out].all()
+
+
+def test_outliers_on_e4m3_rejects_bad_input():
+    x = torch.randn(4, 8)
+    s = torch.ones(4, 1)
+    with pytest.raises(TypeError, match="float32 x"):
+        outliers_on_e4m3(x.double(), x, x, s)
+    with pytest.raises(ValueError, match="one \\[M, K\\] shape"):
+        outliers_on_e4m3(x, x[:2], x, s)
+    with pytest.raises(ValueError, match="scale must be"):
+        outliers_on_e4m3(x, x, x, torch.ones(4))

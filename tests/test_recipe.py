@@ -244,6 +244,16 @@ BAD = [
     ("fp4-paper", {"occ.alpha": "0.99"}, "'occ.alpha'"),
     ("fp4-paper", {"occ.granularity": "col"}, "'occ.granularity'"),
     ("fp4-paper", {"occ.compensate": "yes"}, "'occ.compensate'"),
+    ("fp4-paper", {"occ.compensation": "sparse"}, "'occ.compensation'"),
+    # outliers in E4M3 need a compensated, row-wise E2M1 X that wgrad reuses
+    ("fp4-paper", {"occ.compensation": "e4m3", "occ.compensate": False}, "occ.compensate"),
+    ("fp4-paper", {"occ.compensation": "e4m3", "fwd_x.format": "e4m3"}, "row-wise E2M1"),
+    ("fp4-paper", {"occ.compensation": "e4m3", "fwd_x.granularity": "tensor"}, "row-wise E2M1"),
+    (
+        "fp4-paper",
+        {"occ.compensation": "e4m3", "wgrad_x": OperandSpec("e2m1", "col")},
+        "wgrad_x",
+    ),
     ("fp4-paper", {"dge.k": 1}, "'dge.k'"),
     ("fp4-paper", {"dge.k": 0.5}, "'dge.k'"),
     ("fp4-paper", {"dge.k": -5}, "'dge.k'"),

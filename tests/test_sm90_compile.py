@@ -56,7 +56,7 @@ def _compile_sm90(fn, sig: dict, constexprs: dict, num_warps: int) -> dict:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
-def _rowblock_case(dtype: str, clamp: bool, fmt: str):
+def _rowblock_case(dtype: str, clamp: bool, fmt: str, out8: bool = False):
     sig = dict(x_ptr=f"*{dtype}", stride_xm="i32", colmul_ptr="*fp32", lo_ptr="*fp32",
                hi_ptr="*fp32", s_ptr="*fp32", q_ptr="*fp8e4nv", qt_ptr="*fp8e4nv", r_ptr="*bf16",
                M="i32", Mp="i32", K="i32", seed="i32")  # fmt: skip
@@ -64,18 +64,18 @@ def _rowblock_case(dtype: str, clamp: bool, fmt: str):
     cfg.pop("PER_SM")
     warps = cfg.pop("num_warps")
     ce = dict(HAS_COLMUL=False, CLAMP=clamp, CLAMP_PER_ROW=False, STORE_Q=True, STORE_QT=True,
-              **kq.format_constants(fmt), SR=False, **cfg)  # fmt: skip
+              **kq.format_constants(fmt), SR=False, OUT8=out8, **cfg)  # fmt: skip
     return kq._quantize_rowblock_kernel, sig, ce, warps
 
 
-def _resident_case(dtype: str, k: int, clamp: bool = False):
+def _resident_case(dtype: str, k: int, clamp: bool = False, out8: bool = False):
     sig = dict(x_ptr=f"*{dtype}", stride_xm="i32", colmul_ptr="*fp32", lo_ptr="*fp32",
                hi_ptr="*fp32", s_ptr="*fp32", q_ptr="*fp8e4nv", r_ptr="*bf16", M="i32", Mp="i32",
                K="i32", seed="i32")  # fmt: skip
     block_m, block_k, chunks = kq.resident_blocks(k)
     ce = dict(HAS_COLMUL=False, CLAMP=clamp, CLAMP_PER_ROW=False,
               **kq.format_constants("e2m1"), SR=False, BLOCK_M=block_m,
-              BLOCK_K=block_k, CHUNKS=chunks)  # fmt: skip
+              BLOCK_K=block_k, CHUNKS=chunks, OUT8=out8)  # fmt: skip
     return kq._quantize_rows_resident_kernel, sig, ce, 8
 
 
@@ -187,10 +187,17 @@ def _adamw_case(param: str):
 CASES = {
     "rowblock bf16 e2m1": lambda: _rowblock_case("bf16", False, "e2m1"),
     "rowblock bf16 e2m1 OCC clamp": lambda: _rowblock_case("bf16", True, "e2m1"),
+    "rowblock bf16 e2m1 OCC, outliers in E4M3": lambda: _rowblock_case("bf16", True, "e2m1", True),
     "rowblock fp32 e2m1": lambda: _rowblock_case("fp32", False, "e2m1"),
     "rowblock bf16 e4m3": lambda: _rowblock_case("bf16", False, "e4m3"),
     "resident rows bf16 K=4096": lambda: _resident_case("bf16", 4096),
     "resident rows bf16 K=11008, OCC clamp": lambda: _resident_case("bf16", 11008, True),
+    "resident rows bf16 K=4096, OCC, outliers in E4M3": lambda: _resident_case(
+        "bf16", 4096, True, True
+    ),
+    "resident rows bf16 K=11008, OCC, outliers in E4M3": lambda: _resident_case(
+        "bf16", 11008, True, True
+    ),
     "resident rows fp32 K=16384": lambda: _resident_case("fp32", 16384),
     "resident rows bf16 K=11008 (3 chunks)": lambda: _resident_case("bf16", 11008),
     "resident rows fp32 K=11008 (3 chunks)": lambda: _resident_case("fp32", 11008),

@@ -20,9 +20,13 @@ The wgrad GEMM writes the float32 master gradient directly; DGE then scales it i
 With OCC, the X quantize pass also writes the dense bf16 residual R, and the compensation
 products are bf16 GEMMs (``fp4train.kernels.occ``), over all columns or, with
 ``occ.compensation="columns"``, over the columns holding an outlier; nothing syncs with the
-host. Backward keeps R for wgrad's term: in bf16, or with ``act_save="e4m3"`` in E4M3 with a
-float32 scale per row (half the bytes; R is as large as X), and W's FP8 copy is not kept:
-backward quantizes the master weight again (the same bits; one more read of W).
+host. With ``occ.compensation="e4m3"`` the quantize pass stores the outliers themselves in
+q_x on the E4M3 grid (both GEMMs then carry them at FP8 speed) and R is only their part
+beyond E4M3's range, compensated over its columns (none, unless an outlier exceeds 74.7×
+its row's clamp bound). Backward keeps R for wgrad's term: in bf16, or with
+``act_save="e4m3"`` in E4M3 with a float32 scale per row (half the bytes; R is as large as
+X), and W's FP8 copy is not kept: backward quantizes the master weight again (the same bits;
+one more read of W).
 """
 
 from __future__ import annotations
@@ -191,9 +195,12 @@ def linear_forward(
         lo, hi = occ_thresholds(x2d, occ.alpha, occ.granularity)
     # q_x [Mp,K] + q_x_t [K,Mp]; with OCC, of the clamped X, plus the residual R [M,K] bf16
     seed = _seed(recipe, ("fwd_x", "fwd_w"))
+    # compensation "e4m3": the outliers ride in q_x on the E4M3 grid, resid holds only the
+    # part beyond E4M3's range (usually none), compensated over its columns
+    out8 = occ is not None and occ.compensate and occ.compensation == "e4m3"
     q_x, s_x, q_x_t, resid = _quantize_rows(
         x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True,
-        stochastic=_stochastic(recipe, "fwd_x"), seed=seed,
+        stochastic=_stochastic(recipe, "fwd_x"), seed=seed, outliers_e4m3=out8,
     )  # fmt: skip
     keep_w = not _requantize_w(recipe)
     q_w, s_w, q_w_t, _ = _quantize_rows(
@@ -204,7 +211,7 @@ def linear_forward(
     y = scaled_mm_rowwise(q_x, q_w, s_x, s_w, torch.bfloat16, recipe.fast_accum)[:m]
     r = s_r = order = n_cols = None
     if occ is not None and occ.compensate:
-        if occ.compensation == "columns":  # R packed to its outlier columns, first n of order
+        if occ.compensation in ("columns", "e4m3"):  # R packed to its columns, first n of order
             order, n_cols = outlier_columns(resid)
             r = gather_columns(resid, order, n_cols, zero_rest=recipe.act_save is not None)
             y = occ_compensate_columns(y, r, weight, order, n_cols)

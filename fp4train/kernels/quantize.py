@@ -370,10 +370,10 @@ def _quantize_tile_kernel(
         s = tl.load(s_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
         r = tl.load(r_row_ptr + rows, mask=rows < Mp, other=1.0)[:, None]
         _round_and_store(x, v, s, r, rows, cols, M, Mp, K, q_ptr, q_ptr, q_ptr, seed, True,
-                         False, False, FMAX, MBITS, MIN_EXP, EMAX, SR1)  # fmt: skip
+                         False, False, FMAX, MBITS, MIN_EXP, EMAX, SR1, False)  # fmt: skip
     u, s2, r2 = _col_operand(x, rowmul_ptr, s_col_ptr, r_col_ptr, rows, cols, M, K)
     _round_and_store(x, u, s2, r2, rows, cols, M, Mp, K, q2t_ptr, q2t_ptr, q2t_ptr, seed + 1,
-                     False, True, False, FMAX2, MBITS2, MIN_EXP2, EMAX2, SR2)  # fmt: skip
+                     False, True, False, FMAX2, MBITS2, MIN_EXP2, EMAX2, SR2, False)  # fmt: skip
 
 
 @triton.jit
@@ -400,14 +400,24 @@ def _round_and_store(
     x, v, s, r, rows, cols, M, Mp, K, q_ptr, qt_ptr, r_ptr, seed,
     STORE_Q: tl.constexpr, STORE_QT: tl.constexpr, CLAMP: tl.constexpr, FMAX: tl.constexpr,
     MBITS: tl.constexpr, MIN_EXP: tl.constexpr, EMAX: tl.constexpr, SR: tl.constexpr,
+    OUT8: tl.constexpr,
 ):  # fmt: skip
     """Round the tile v[rows, cols] / s (s, r = 1/s: [BLOCK_M, 1]) to the grid (Philox noise
     indexed by row · K + col when ``SR``) and store it row-major in q [Mp, K] and/or
-    transposed in q_t [K, Mp]; with ``CLAMP``, the bf16 residual x − v in r [M, K]."""
+    transposed in q_t [K, Mp]; with ``CLAMP``, the bf16 residual x − v in r [M, K]. With
+    ``OUT8`` (and ``CLAMP``), each outlier (x != v) is stored as x / s on the E4M3 grid
+    (nearest even, saturating at 448) and the residual is x − clamp(x, −448·s, 448·s):
+    ``fp4train.occ.outliers_on_e4m3``."""
     noise = None
     if SR:
         noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
     q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX, noise, SR)
+    resid = x - v
+    if OUT8:
+        q8 = _round_to_grid(div_by_scale(x, s, r), 3, -6, 8, 448.0)  # E4M3's constants
+        q = tl.where(x != v, q8, q)
+        t = s * 448.0
+        resid = x - tl.minimum(tl.maximum(x, -t), t)
     omask = (rows < Mp)[:, None] & (cols < K)[None, :]
     if STORE_Q:
         tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
@@ -417,7 +427,7 @@ def _round_and_store(
                  q.to(qt_ptr.dtype.element_ty), mask=omask)  # fmt: skip
     if CLAMP:
         rmask = (rows < M)[:, None] & (cols < K)[None, :]
-        tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], _to_bf16_rne(x - v),
+        tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], _to_bf16_rne(resid),
                  mask=rmask)  # fmt: skip
 
 
@@ -458,6 +468,7 @@ def _quantize_rowblock_kernel(
     SR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    OUT8: tl.constexpr,  # OCC's outliers on the E4M3 grid (with CLAMP)
 ):
     """Persistent: each program takes row blocks pid, pid + P, ... and walks each twice, the
     amax walk from memory and the quantize walk from L2. One launch, no partials."""
@@ -478,7 +489,8 @@ def _quantize_rowblock_kernel(
                 x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, lo, hi, HAS_COLMUL, CLAMP
             )
             _round_and_store(x, v, s, r, rows, cols, M, Mp, K, q_ptr, qt_ptr, r_ptr, seed,
-                             STORE_Q, STORE_QT, CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR)  # fmt: skip
+                             STORE_Q, STORE_QT, CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR,
+                             OUT8)  # fmt: skip
 
 
 @triton.jit
@@ -506,6 +518,7 @@ def _quantize_rows_resident_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a power of two, CHUNKS * BLOCK_K >= K: whole rows in registers
     CHUNKS: tl.constexpr,  # 1 or 3 (3/4 of a power of two pads less: 11008 to 12288, not 16384)
+    OUT8: tl.constexpr,  # OCC's outliers on the E4M3 grid (with CLAMP)
 ):
     """BLOCK_M whole rows per program, read once from memory and held in registers (in CHUNKS
     pieces of BLOCK_K columns): amax, scale, rounding, one row-major store (the transposed
@@ -528,12 +541,13 @@ def _quantize_rows_resident_kernel(
     r = reciprocal(s)[:, None]
     s = s[:, None]
     _round_and_store(x, v, s, r, rows, cols, M, Mp, K, q_ptr, q_ptr, r_ptr, seed, True, False,
-                     CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR)  # fmt: skip
+                     CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR, OUT8)  # fmt: skip
     if CHUNKS > 1:
         _round_and_store(x1, v1, s, r, rows, cols + BLOCK_K, M, Mp, K, q_ptr, q_ptr, r_ptr, seed,
-                         True, False, CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR)  # fmt: skip
+                         True, False, CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR, OUT8)  # fmt: skip
         _round_and_store(x2, v2, s, r, rows, cols + 2 * BLOCK_K, M, Mp, K, q_ptr, q_ptr, r_ptr,
-                         seed, True, False, CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR)  # fmt: skip
+                         seed, True, False, CLAMP, FMAX, MBITS, MIN_EXP, EMAX, SR,
+                         OUT8)  # fmt: skip
 
 
 @triton.jit
@@ -655,6 +669,7 @@ def _quantize(
     sr_row: bool = False,
     sr_col: bool = False,
     seed: int = 0,
+    out8: bool = False,
 ):
     """The launches; returns ``(q, s_row [Mp], q_t, q2_t, s_col [K], resid [M, K])``.
 
@@ -677,6 +692,8 @@ def _quantize(
         raise ValueError("clamping needs both lo and hi, got only one")
     if clamp and cols:
         raise ValueError("the column-wise operand cannot be clamped")
+    if out8 and not (clamp and row_fmt == "e2m1"):
+        raise ValueError("outliers on the E4M3 grid need clamp bounds and an e2m1 row format")
     if clamp and x.dtype != torch.bfloat16:
         raise ValueError(f"clamping needs a bf16 x (its residual is stored in bf16), got {x.dtype}")
     per_row = clamp and lo.numel() != 1
@@ -706,7 +723,7 @@ def _quantize(
                 colmul, lo_, hi_, s_row, q_rows, resid if clamp else q_rows, m, mp, k, seed,
                 HAS_COLMUL=col_scale is not None, CLAMP=clamp, CLAMP_PER_ROW=per_row,
                 **format_constants(row_fmt), SR=sr_row, BLOCK_M=block_m, BLOCK_K=block_k,
-                CHUNKS=chunks, num_warps=8,
+                CHUNKS=chunks, OUT8=out8, num_warps=8,
             )  # fmt: skip
             if rows and store_qt:
                 transpose_bytes(q_rows, q_t)
@@ -718,7 +735,8 @@ def _quantize(
                 q if rows and store_q else q_t, q_t if rows and store_qt else q,
                 resid if clamp else q, m, mp, k, seed, HAS_COLMUL=col_scale is not None,
                 CLAMP=clamp, CLAMP_PER_ROW=per_row, STORE_Q=rows and store_q,
-                STORE_QT=rows and store_qt, **format_constants(row_fmt), SR=rows and sr_row, **cfg,
+                STORE_QT=rows and store_qt, **format_constants(row_fmt), SR=rows and sr_row,
+                OUT8=out8, **cfg,
             )  # fmt: skip
         # outputs never alias one another (a custom-op rule)
         return q, s_row, q_t, None, None, resid
@@ -778,6 +796,7 @@ def quantize_rows(
     store_qt: bool = False,
     stochastic: bool = False,
     seed: int = 0,
+    outliers_e4m3: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize each row of ``x`` [M, K] to ``fmt``: ``(q, scale, q_t, resid)``.
 
@@ -788,18 +807,24 @@ def quantize_rows(
     When clamping (x must be bf16), ``resid`` [M, K] bf16 is OCC's residual x − v, dense (zero
     off the outliers), else empty. ``stochastic`` rounds up with probability equal to the
     fractional distance (unbiased), with Philox noise from ``seed``: the same seed gives the
-    same bits. One kernel launch.
+    same bits. One kernel launch (plus an FP8 transpose for q_t).
+
+    ``outliers_e4m3`` (with lo, hi and fmt ``"e2m1"``; OCC's ``compensation="e4m3"``): each
+    outlier (v != x) is stored as x / scale on the E4M3 grid (nearest even, whatever
+    ``stochastic`` says), and ``resid`` is only the part beyond E4M3's range,
+    x − clamp(x, −448·scale, 448·scale): :func:`fp4train.occ.outliers_on_e4m3`.
     """
     if fmt not in FP8_DTYPE:
         raise ValueError(f"the triton kernels quantize to {sorted(FP8_DTYPE)}, not {fmt!r}")
     q, s, q_t, _, _, resid = _quantize(x, fmt, None, col_scale, None, lo, hi, store_q,
-                                       store_qt, stochastic, False, seed)  # fmt: skip
+                                       store_qt, stochastic, False, seed,
+                                       outliers_e4m3)  # fmt: skip
     return q, s, q_t, resid
 
 
 @quantize_rows.op.register_fake
 def _(x, fmt, col_scale=None, lo=None, hi=None, store_q=True, store_qt=False, stochastic=False,
-      seed=0):  # fmt: skip
+      seed=0, outliers_e4m3=False):  # fmt: skip
     m, k = x.shape
     mp = padded_rows(m)
     fp8 = FP8_DTYPE[fmt]

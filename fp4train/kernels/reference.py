@@ -35,8 +35,9 @@ def quantize_rows(
     hi: torch.Tensor | None = None,
     store_q: bool = True,
     store_qt: bool = False,
+    outliers_e4m3: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Twin of :func:`fp4train.kernels.quantize.quantize_rows`."""
+    """Twin of :func:`fp4train.kernels.quantize.quantize_rows` (nearest rounding)."""
     mp = padded_rows(x.shape[0])
     v = x.float()
     if col_scale is not None:
@@ -46,7 +47,11 @@ def quantize_rows(
         v = torch.clamp(v, min=lo.float().reshape(-1, 1), max=hi.float().reshape(-1, 1))
         resid = (x.float() - v).bfloat16()
     qt = quantize(v, fmt, "row", nonfinite="propagate")
-    q = _pad_rows(qt.data, mp, 0.0).to(FP8_DTYPE[fmt])
+    data = qt.data
+    if outliers_e4m3:
+        data, r2 = _occ.outliers_on_e4m3(x.float(), v, qt.data, qt.scale)
+        resid = r2.bfloat16()
+    q = _pad_rows(data, mp, 0.0).to(FP8_DTYPE[fmt])
     scale = _pad_rows(qt.scale.reshape(-1), mp, 1.0)
     empty = x.new_empty(0, dtype=FP8_DTYPE[fmt])
     return (q if store_q else empty, scale, q.t().contiguous() if store_qt else empty,

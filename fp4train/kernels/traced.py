@@ -90,6 +90,7 @@ def quantize_rows(
     hi: torch.Tensor | None = None,
     store_q: bool = True,
     store_qt: bool = False,
+    outliers_e4m3: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fp4train.kernels.quantize.quantize_rows` (without stochastic rounding)."""
     mp = padded_rows(x.shape[0])
@@ -101,7 +102,16 @@ def quantize_rows(
         lo2, hi2 = (t.float().reshape(-1, 1) for t in (lo, hi))
         v = torch.minimum(torch.maximum(v, lo2), hi2)
         resid = (x.float() - v).to(torch.bfloat16)
-    q, s = _rows(v, fmt, mp)
+    if outliers_e4m3:  # OCC's outliers on the E4M3 grid, the part beyond it in resid
+        data, s = _absmax_quantize(v, fmt, 1)
+        xf = x.float()
+        data = torch.where(xf != v, _round_to_grid(_div_by_scales(xf, s, 1), "e4m3"), data)
+        t = (s * 448.0).unsqueeze(1)
+        resid = (xf - torch.clamp(xf, min=-t, max=t)).to(torch.bfloat16)
+        q = _pad_rows(data, mp).to(FP8_DTYPE[fmt])
+        s = F.pad(s, (0, mp - s.shape[0]), value=1.0)
+    else:
+        q, s = _rows(v, fmt, mp)
     empty = x.new_empty(0, dtype=FP8_DTYPE[fmt])
     return (q if store_q else empty, s, q.t().contiguous() if store_qt else empty,
             resid)  # fmt: skip
