@@ -71,7 +71,7 @@ def _sweep_data(dist, gen, m, k, n, rows) -> None:
         want = None
         for cfg in FWD:
             kocc.COLUMNS_FWD_CONFIG = cfg
-            got = kocc.occ_compensate_columns(y, r_c, w, order, cnt)
+            got = kocc.occ_compensate_columns(y.clone(), r_c, w, order, cnt)  # in place
             want = got if want is None else want
             add(f"fwd {cfg}", lambda: kocc.occ_compensate_columns(y, r_c, w, order, cnt),
                 _rel(got, want))  # fmt: skip

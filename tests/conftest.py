@@ -99,7 +99,7 @@ def check_column_compensation(case: str, gen: torch.Generator, m: int, k: int, n
     # in any order), then one rounding to bf16 (half an ulp of a value within that bound:
     # at most one ulp of the exact sum)
     w16 = w.bfloat16().double()
-    got = kocc.occ_compensate_columns(y, r_c, w, order, cnt).double()
+    got = kocc.occ_compensate_columns(y.clone(), r_c, w, order, cnt).double()  # in place
     exact = y.double() + resid.double() @ w16.t()
     ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-120))) - 7)
     sums = (k + 1) * 2.0**-24 * (y.double().abs() + resid.double().abs() @ w16.abs().t())

@@ -354,7 +354,7 @@ def _compensate_columns_kernel(
     r_ptr,  # [M, K] bf16: R's outlier columns first (gather_columns)
     w_ptr,  # [N, K] bf16: W's columns in the same order
     n_ptr,  # [1] int32: how many columns to sum over
-    out_ptr,  # [M, N] bf16: y + R_c · W_cᵀ
+    out_ptr,  # [M, N] bf16: y + R_c · W_cᵀ (may be y itself)
     M,
     N,
     K,
@@ -374,37 +374,46 @@ def _compensate_columns_kernel(
         b = tl.load(w_ptr + cols.to(tl.int64)[None, :] * K + ks[:, None],
                     mask=(ks < n)[:, None] & (cols < N)[None, :], other=0.0)  # fmt: skip
         acc = _dot(a, b, acc, UPCAST)
-    m2 = (rows < M)[:, None] & (cols < N)[None, :]
+    # nothing to add when no column holds an outlier: no traffic (in place, y stays y)
+    m_live = tl.where(n > 0, M, 0)
+    m2 = (rows < m_live)[:, None] & (cols < N)[None, :]
     y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=m2, other=0.0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :],
              _q._to_bf16_rne(acc + y.to(tl.float32)), mask=m2)  # fmt: skip
 
 
-@_q.custom_op("fp4train::occ_compensate_columns")
-def occ_compensate_columns(
-    y: torch.Tensor, r_c: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, n: torch.Tensor
-) -> torch.Tensor:
-    """Forward compensation over the outlier columns: ``Y + R[:, cols] · W[:, cols]ᵀ`` with
-    cols = order[:n] (:func:`outlier_columns`), y [M, N] bf16, ``r_c`` [M, K] from
-    :func:`gather_columns`, weight [N, K] (its columns gathered and cast to bf16 here); float32
-    accumulation, one rounding to bf16. Work proportional to n."""
+@_q.custom_op("fp4train::occ_compensate_columns_", mutates_args=("y",))
+def _compensate_columns(
+    y: torch.Tensor, r_c: torch.Tensor, w_c: torch.Tensor, n: torch.Tensor
+) -> None:
     m, nn = y.shape
     k = r_c.shape[1]
-    w_c = gather_columns(weight, order, n, zero_rest=False)
-    out = _q.empty_output((m, nn), torch.bfloat16, y.device)
     if m and nn:
         c = COLUMNS_FWD_CONFIG
         grid = (cdiv(m, c["BLOCK_M"]), cdiv(nn, c["BLOCK_N"]))
         launch(
-            _compensate_columns_kernel, grid, y, y.stride(0), r_c, w_c, n, out, m, nn, k,
+            _compensate_columns_kernel, grid, y, y.stride(0), r_c, w_c, n, y, m, nn, k,
             UPCAST=y.device.type != "cuda", **c,
         )  # fmt: skip
-    return out
 
 
-@occ_compensate_columns.op.register_fake
-def _(y, r_c, weight, order, n):
-    return y.new_empty(y.shape, dtype=torch.bfloat16)
+@_compensate_columns.op.register_fake
+def _(y, r_c, w_c, n):
+    return None
+
+
+def occ_compensate_columns(
+    y: torch.Tensor, r_c: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, n: torch.Tensor
+) -> torch.Tensor:
+    """Forward compensation over the outlier columns, in place on ``y`` [M, N] bf16 (unit
+    stride along N): ``Y += R[:, cols] · W[:, cols]ᵀ`` with cols = order[:n]
+    (:func:`outlier_columns`), ``r_c`` [M, K] from :func:`gather_columns`, weight [N, K] (its
+    columns gathered and cast to bf16 here); float32 accumulation, one rounding to bf16.
+    Returns ``y``. Work proportional to n: with n = 0, y is neither read nor written."""
+    if y.dtype != torch.bfloat16 or (y.shape[1] > 1 and y.stride(1) != 1):
+        raise ValueError(f"y must be bf16 with unit stride along N, got {y.dtype} {y.stride()}")
+    _compensate_columns(y, r_c, gather_columns(weight, order, n, zero_rest=False), n)
+    return y
 
 
 @triton.jit
