@@ -58,8 +58,9 @@ def _compile_sm90(fn, sig: dict, constexprs: dict, num_warps: int) -> dict:
 
 def _rowblock_case(dtype: str, clamp: bool, fmt: str, out8: bool = False):
     sig = dict(x_ptr=f"*{dtype}", stride_xm="i32", colmul_ptr="*fp32", lo_ptr="*fp32",
-               hi_ptr="*fp32", s_ptr="*fp32", q_ptr="*fp8e4nv", qt_ptr="*fp8e4nv", r_ptr="*bf16",
-               M="i32", Mp="i32", K="i32", seed="i32")  # fmt: skip
+               hi_ptr="*fp32", s_ptr="*fp32", q_ptr="*fp8e4nv", qt_ptr="*fp8e4nv",
+               r_ptr="*i32" if out8 else "*bf16", M="i32", Mp="i32", K="i32",
+               seed="i32")  # fmt: skip
     cfg = kq.rowblock_config(2 if dtype == "bf16" else 4, clamp)
     cfg.pop("PER_SM")
     warps = cfg.pop("num_warps")
@@ -70,8 +71,8 @@ def _rowblock_case(dtype: str, clamp: bool, fmt: str, out8: bool = False):
 
 def _resident_case(dtype: str, k: int, clamp: bool = False, out8: bool = False):
     sig = dict(x_ptr=f"*{dtype}", stride_xm="i32", colmul_ptr="*fp32", lo_ptr="*fp32",
-               hi_ptr="*fp32", s_ptr="*fp32", q_ptr="*fp8e4nv", r_ptr="*bf16", M="i32", Mp="i32",
-               K="i32", seed="i32")  # fmt: skip
+               hi_ptr="*fp32", s_ptr="*fp32", q_ptr="*fp8e4nv", r_ptr="*i32" if out8 else "*bf16",
+               M="i32", Mp="i32", K="i32", seed="i32")  # fmt: skip
     block_m, block_k, chunks = kq.resident_blocks(k)
     ce = dict(HAS_COLMUL=False, CLAMP=clamp, CLAMP_PER_ROW=False,
               **kq.format_constants("e2m1"), SR=False, BLOCK_M=block_m,
@@ -105,10 +106,12 @@ def _amax_case():
     return kq._amax_partials_kernel, sig, dict(HAS_COLMUL=True, ROW_AMAX=True, **cfg), warps
 
 
-def _gather_case(dtype: str):
+def _gather_case(dtype: str, beyond: bool = False):
     sig = dict(src_ptr=f"*{dtype}", stride_s="i32", order_ptr="*i32", n_ptr="*i32",
-               dst_ptr="*bf16", R="i32", K="i32")  # fmt: skip
-    return kocc._gather_columns_kernel, sig, dict(BLOCK_R=32, BLOCK_C=128, ZERO_REST=True), 4
+               dst_ptr="*bf16", s_ptr="*fp32" if beyond else "*bf16", R="i32",
+               K="i32")  # fmt: skip
+    ce = dict(BLOCK_R=32, BLOCK_C=128, ZERO_REST=True, BEYOND=beyond)
+    return kocc._gather_columns_kernel, sig, ce, 4
 
 
 def _column_flags_case():
@@ -207,6 +210,7 @@ CASES = {
     "dY amax partials": _amax_case,
     "OCC gather columns bf16": lambda: _gather_case("bf16"),
     "OCC gather columns fp32": lambda: _gather_case("fp32"),
+    "OCC gather columns beyond E4M3": lambda: _gather_case("bf16", True),
     "OCC column flags": _column_flags_case,
     "OCC column order K=4096": lambda: _order_columns_case(4096),
     "OCC column order K=16384": lambda: _order_columns_case(16384),

@@ -44,6 +44,7 @@ from fp4train.kernels.occ import (
     occ_compensate_columns_wgrad,
     occ_compensate_wgrad,
     occ_thresholds,
+    order_columns,
     outlier_columns,
 )
 from fp4train.kernels.quantize import custom_op, quantize_rows, quantize_rowwise_and_colwise
@@ -195,8 +196,8 @@ def linear_forward(
         lo, hi = occ_thresholds(x2d, occ.alpha, occ.granularity)
     # q_x [Mp,K] + q_x_t [K,Mp]; with OCC, of the clamped X, plus the residual R [M,K] bf16
     seed = _seed(recipe, ("fwd_x", "fwd_w"))
-    # compensation "e4m3": the outliers ride in q_x on the E4M3 grid, resid holds only the
-    # part beyond E4M3's range (usually none), compensated over its columns
+    # compensation "e4m3": the outliers ride in q_x on the E4M3 grid, resid flags the columns
+    # holding a part beyond E4M3's range (usually none), compensated over those columns
     out8 = occ is not None and occ.compensate and occ.compensation == "e4m3"
     q_x, s_x, q_x_t, resid = _quantize_rows(
         x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True,
@@ -211,7 +212,12 @@ def linear_forward(
     y = scaled_mm_rowwise(q_x, q_w, s_x, s_w, torch.bfloat16, recipe.fast_accum)[:m]
     r = s_r = order = n_cols = None
     if occ is not None and occ.compensate:
-        if occ.compensation in ("columns", "e4m3"):  # R packed to its columns, first n of order
+        if occ.compensation == "e4m3":  # resid: flags of the columns beyond E4M3's range
+            order, n_cols = order_columns(resid)
+            r = gather_columns(x2d, order, n_cols, zero_rest=recipe.act_save is not None,
+                               scale=s_x)  # fmt: skip
+            y = occ_compensate_columns(y, r, weight, order, n_cols)
+        elif occ.compensation == "columns":  # R packed to its outlier columns, first n of order
             order, n_cols = outlier_columns(resid)
             r = gather_columns(resid, order, n_cols, zero_rest=recipe.act_save is not None)
             y = occ_compensate_columns(y, r, weight, order, n_cols)

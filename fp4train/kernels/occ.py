@@ -45,6 +45,7 @@ __all__ = [
     "occ_compensate",
     "occ_compensate_wgrad",
     "outlier_columns",
+    "order_columns",
     "gather_columns",
     "occ_compensate_columns",
     "occ_compensate_columns_wgrad",
@@ -250,20 +251,33 @@ def outlier_columns(resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     prefix sums)."""
     _q._check_2d(resid, "resid")
     m, k = resid.shape
-    dev = resid.device
     if k > _ORDER_MAX_K:
-        flags = resid.ne(0).any(dim=0)
-        order = torch.argsort((~flags).to(torch.uint8), stable=True).to(torch.int32)
-        return order, flags.sum(dtype=torch.int32).reshape(1)
-    flags = torch.zeros(k, dtype=torch.int32, device=dev)
-    order = _q.empty_output(k, torch.int32, dev)
-    n = _q.empty_output(1, torch.int32, dev)
+        return _order_flags(resid.ne(0).any(dim=0))
+    flags = torch.zeros(k, dtype=torch.int32, device=resid.device)
     if m and k:
         rows = 256
         launch(
             _column_flags_kernel, (cdiv(k, 128), cdiv(m, rows)), resid, resid.stride(0), flags,
             m, k, ROWS=rows, BLOCK_R=32, BLOCK_C=128, num_warps=4,
         )  # fmt: skip
+    return _order_flags(flags)
+
+
+@outlier_columns.op.register_fake
+def _(resid):
+    k = resid.shape[1]
+    return resid.new_empty(k, dtype=torch.int32), resid.new_empty(1, dtype=torch.int32)
+
+
+def _order_flags(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = flags.shape[0]
+    dev = flags.device
+    if k > _ORDER_MAX_K:
+        f = flags.ne(0)
+        order = torch.argsort((~f).to(torch.uint8), stable=True).to(torch.int32)
+        return order, f.sum(dtype=torch.int32).reshape(1)
+    order = _q.empty_output(k, torch.int32, dev)
+    n = _q.empty_output(1, torch.int32, dev)
     if k:
         block = next_pow2(k)
         launch(_order_columns_kernel, (1,), flags, order, n, k, BLOCK=block,
@@ -273,10 +287,20 @@ def outlier_columns(resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, n
 
 
-@outlier_columns.op.register_fake
-def _(resid):
-    k = resid.shape[1]
-    return resid.new_empty(k, dtype=torch.int32), resid.new_empty(1, dtype=torch.int32)
+@_q.custom_op("fp4train::order_columns")
+def order_columns(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`outlier_columns`'s (order, n) from column flags [K] int32 (nonzero: the column
+    holds a residual), e.g. those ``quantize_rows(..., outliers_e4m3=True)`` raises. One
+    program, no sync."""
+    if flags.ndim != 1 or flags.dtype != torch.int32:
+        raise ValueError(f"flags must be a [K] int32 tensor, got {_q._describe(flags)}")
+    return _order_flags(flags.contiguous())
+
+
+@order_columns.op.register_fake
+def _(flags):
+    k = flags.shape[0]
+    return flags.new_empty(k, dtype=torch.int32), flags.new_empty(1, dtype=torch.int32)
 
 
 @triton.jit
@@ -286,11 +310,13 @@ def _gather_columns_kernel(
     order_ptr,  # [K] int32
     n_ptr,  # [1] int32
     dst_ptr,  # [R, K] bf16: dst[:, j] = src[:, order[j]] for j < n, else 0
+    s_ptr,  # [R] float32 row scales (BEYOND)
     R,
     K,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ZERO_REST: tl.constexpr,  # write zeros after the first n columns (else leave them)
+    BEYOND: tl.constexpr,  # gather src − clamp(src, ±448·s): the part beyond E4M3's range
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -300,6 +326,10 @@ def _gather_columns_kernel(
     rmask = (rows < R)[:, None]
     v = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_s + idx[None, :],
                 mask=rmask & take[None, :], other=0.0)  # fmt: skip
+    if BEYOND:  # the arithmetic of _round_and_store's OUT8 residual: the same bits
+        v = v.to(tl.float32)
+        t = tl.load(s_ptr + rows, mask=rows < R, other=1.0)[:, None] * 448.0
+        v = v - tl.minimum(tl.maximum(v, -t), t)
     write = (cols < K) if ZERO_REST else take
     tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
              _q._to_bf16_rne(v.to(tl.float32)), mask=rmask & write[None, :])  # fmt: skip
@@ -307,26 +337,35 @@ def _gather_columns_kernel(
 
 @_q.custom_op("fp4train::gather_columns")
 def gather_columns(
-    src: torch.Tensor, order: torch.Tensor, n: torch.Tensor, zero_rest: bool = True
+    src: torch.Tensor,
+    order: torch.Tensor,
+    n: torch.Tensor,
+    zero_rest: bool = True,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[R, K] bf16 whose first n columns are ``src[:, order[:n]]`` (rounded to bf16 to nearest
     even, as ``.to(torch.bfloat16)``) and the rest zero (``zero_rest``; else left unwritten,
     for a consumer that reads only the first n: the full-width write is as long as the
-    gather); ``src`` [R, K] bf16 or float32 (W)."""
+    gather); ``src`` [R, K] bf16 or float32 (W). With ``scale`` ([R] float32 row scales, from
+    ``quantize_rows(src, ..., outliers_e4m3=True)``) the columns gathered are those of
+    src − clamp(src, ±448·scale) in float32, the part of OCC's outliers beyond E4M3's range."""
     _q._check_2d(src, "src")
     r, k = src.shape
     dst = _q.empty_output((r, k), torch.bfloat16, src.device)
+    if scale is not None and scale.numel() < r:
+        raise ValueError(f"scale must hold at least {r} row scales, got {scale.numel()}")
     if r and k:
         grid = (cdiv(r, 32), cdiv(k, 128))
         launch(
-            _gather_columns_kernel, grid, src, src.stride(0), order, n, dst, r, k, BLOCK_R=32,
-            BLOCK_C=128, ZERO_REST=zero_rest, num_warps=4,
+            _gather_columns_kernel, grid, src, src.stride(0), order, n, dst,
+            scale if scale is not None else dst, r, k, BLOCK_R=32, BLOCK_C=128,
+            ZERO_REST=zero_rest, BEYOND=scale is not None, num_warps=4,
         )  # fmt: skip
     return dst
 
 
 @gather_columns.op.register_fake
-def _(src, order, n, zero_rest=True):
+def _(src, order, n, zero_rest=True, scale=None):
     return src.new_empty(src.shape, dtype=torch.bfloat16)
 
 

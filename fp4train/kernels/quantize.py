@@ -406,8 +406,10 @@ def _round_and_store(
     indexed by row · K + col when ``SR``) and store it row-major in q [Mp, K] and/or
     transposed in q_t [K, Mp]; with ``CLAMP``, the bf16 residual x − v in r [M, K]. With
     ``OUT8`` (and ``CLAMP``), each outlier (x != v) is stored as x / s on the E4M3 grid
-    (nearest even, saturating at 448) and the residual is x − clamp(x, −448·s, 448·s):
-    ``fp4train.occ.outliers_on_e4m3``."""
+    (nearest even, saturating at 448) and r is a [K] int32 buffer of column flags, raised to 1
+    (atomic max) where x − clamp(x, −448·s, 448·s) is nonzero: ``occ.outliers_on_e4m3``'s
+    residual, which :func:`fp4train.kernels.occ.gather_columns` recomputes from x for the
+    flagged columns (almost never any: no dense residual is written)."""
     noise = None
     if SR:
         noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
@@ -427,8 +429,12 @@ def _round_and_store(
                  q.to(qt_ptr.dtype.element_ty), mask=omask)  # fmt: skip
     if CLAMP:
         rmask = (rows < M)[:, None] & (cols < K)[None, :]
-        tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], _to_bf16_rne(resid),
-                 mask=rmask)  # fmt: skip
+        if OUT8:
+            nz = tl.max(((resid != 0) & rmask).to(tl.int32), axis=0)
+            tl.atomic_max(r_ptr + cols, nz, mask=(cols < K) & (nz > 0))
+        else:
+            tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                     _to_bf16_rne(resid), mask=rmask)  # fmt: skip
 
 
 @triton.jit
@@ -709,7 +715,10 @@ def _quantize(
     q_t = empty_output((k, mp) if rows and store_qt else (0,), fp8, dev)
     if not cols:  # X, W (and dY's row operand alone): one launch
         s_row = empty_output(mp if row_fmt is not None else 0, torch.float32, dev)
-        resid = empty_output((m, k) if clamp else (0,), torch.bfloat16, dev)
+        if out8:  # column flags of the part beyond E4M3's range, raised by atomics
+            resid = torch.zeros(k, dtype=torch.int32, device=dev)
+        else:
+            resid = empty_output((m, k) if clamp else (0,), torch.bfloat16, dev)
         # absent optional inputs: any float32 pointer (the kernel's constexprs skip them)
         colmul = col_scale if col_scale is not None else s_row
         lo_, hi_ = (lo, hi) if clamp else (s_row, s_row)
@@ -811,8 +820,10 @@ def quantize_rows(
 
     ``outliers_e4m3`` (with lo, hi and fmt ``"e2m1"``; OCC's ``compensation="e4m3"``): each
     outlier (v != x) is stored as x / scale on the E4M3 grid (nearest even, whatever
-    ``stochastic`` says), and ``resid`` is only the part beyond E4M3's range,
-    x − clamp(x, −448·scale, 448·scale): :func:`fp4train.occ.outliers_on_e4m3`.
+    ``stochastic`` says), and ``resid`` is [K] int32, 1 for each column that holds a nonzero
+    x − clamp(x, −448·scale, 448·scale) (the part beyond E4M3's range,
+    :func:`fp4train.occ.outliers_on_e4m3`), else 0: :func:`fp4train.kernels.occ.order_columns`
+    and ``gather_columns(x, ..., scale=scale)`` make the packed residual from them.
     """
     if fmt not in FP8_DTYPE:
         raise ValueError(f"the triton kernels quantize to {sorted(FP8_DTYPE)}, not {fmt!r}")
@@ -832,8 +843,9 @@ def _(x, fmt, col_scale=None, lo=None, hi=None, store_q=True, store_qt=False, st
         x.new_empty((mp, k) if store_q else (0,), dtype=fp8),
         x.new_empty(mp, dtype=torch.float32),
         x.new_empty((k, mp) if store_qt else (0,), dtype=fp8),
-        x.new_empty((m, k) if lo is not None else (0,), dtype=torch.bfloat16),
-    )
+        x.new_empty(k, dtype=torch.int32) if outliers_e4m3
+        else x.new_empty((m, k) if lo is not None else (0,), dtype=torch.bfloat16),
+    )  # fmt: skip
 
 
 @custom_op("fp4train::quantize_rowwise_and_colwise")

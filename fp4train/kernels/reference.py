@@ -48,9 +48,9 @@ def quantize_rows(
         resid = (x.float() - v).bfloat16()
     qt = quantize(v, fmt, "row", nonfinite="propagate")
     data = qt.data
-    if outliers_e4m3:
+    if outliers_e4m3:  # resid: the flags of the columns holding a value beyond E4M3's range
         data, r2 = _occ.outliers_on_e4m3(x.float(), v, qt.data, qt.scale)
-        resid = r2.bfloat16()
+        resid = (r2 != 0).any(dim=0).to(torch.int32)
     q = _pad_rows(data, mp, 0.0).to(FP8_DTYPE[fmt])
     scale = _pad_rows(qt.scale.reshape(-1), mp, 1.0)
     empty = x.new_empty(0, dtype=FP8_DTYPE[fmt])

@@ -102,12 +102,12 @@ def quantize_rows(
         lo2, hi2 = (t.float().reshape(-1, 1) for t in (lo, hi))
         v = torch.minimum(torch.maximum(v, lo2), hi2)
         resid = (x.float() - v).to(torch.bfloat16)
-    if outliers_e4m3:  # OCC's outliers on the E4M3 grid, the part beyond it in resid
+    if outliers_e4m3:  # OCC's outliers on the E4M3 grid; resid: the columns beyond its range
         data, s = _absmax_quantize(v, fmt, 1)
         xf = x.float()
         data = torch.where(xf != v, _round_to_grid(_div_by_scales(xf, s, 1), "e4m3"), data)
         t = (s * 448.0).unsqueeze(1)
-        resid = (xf - torch.clamp(xf, min=-t, max=t)).to(torch.bfloat16)
+        resid = (xf - torch.clamp(xf, min=-t, max=t) != 0).any(dim=0).to(torch.int32)
         q = _pad_rows(data, mp).to(FP8_DTYPE[fmt])
         s = F.pad(s, (0, mp - s.shape[0]), value=1.0)
     else:
