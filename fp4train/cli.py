@@ -64,6 +64,7 @@ examples:
   fp4train train --recipe "fp4-paper[act_save=e4m3]"   # saved activations in FP8
   fp4train train --recipe "fp4-dge[fast_accum=true]"   # FP8 GEMMs with fast accumulation (GPU)
   fp4train train --recipe "fp4-paper[occ.compensation=columns]"  # OCC over outlier channels (GPU)
+  fp4train train --recipe "fp4-paper[occ.compensation=e4m3]"  # outliers in the FP8 operand
   fp4train train --model 125m --batch-size 8 --grad-accum 4 --lr 3e-4 --max-steps 5000
   fp4train train --monitor-every 50                # per-layer SNR / cosine / MSE of FP4 operands
   fp4train train --out runs/x --resume             # continue runs/x from its latest checkpoint

@@ -28,6 +28,13 @@ R's outlier columns to the left of a [M, K] buffer (zeros after them), and
 :func:`occ_compensate_columns` / :func:`occ_compensate_columns_wgrad` run the two products
 over them on the tensor cores (bf16 operands, float32 accumulation, as the dense GEMMs; the
 sums are the same up to their order).
+
+**Outliers on the E4M3 grid** (``OCCConfig.compensation = "e4m3"``, not the paper's, see
+:mod:`fp4train.occ`). The X quantize kernel stores the outliers in the FP8 operand itself and
+raises a flag per column holding a part beyond E4M3's range (x − clamp(x, ±448·s));
+:func:`order_columns` orders those columns, ``gather_columns(x, ..., scale=s)`` recomputes
+that part from x for them, and the column products above add it back. They are almost never
+any: then every one of these launches moves no data.
 """
 
 from __future__ import annotations
