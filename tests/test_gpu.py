@@ -376,13 +376,16 @@ def test_triton_backend_rejects_what_it_cannot_run():
     assert kernels.check_supported(Recipe.preset("fp4-paper"), 64, 40) is not None
 
 
-@pytest.mark.parametrize("preset", ["fp4-dge", "fp4-paper"])
+@pytest.mark.parametrize("preset", ["fp4-dge", "fp4-paper", "fp4-paper e4m3"])
 def test_torch_compile_without_graph_breaks(preset, gen):
     import torch._dynamo
 
     g, seed = gen
     torch._dynamo.reset()
-    recipe = Recipe.preset(preset).replace(backend="triton")
+    name, _, variant = preset.partition(" ")
+    recipe = Recipe.preset(name).replace(backend="triton")
+    if variant:
+        recipe = recipe.replace(**{"occ.compensation": variant})
     torch.manual_seed(0)
     # no elementwise op between the layers: inductor would fuse it without eager's bf16 rounding,
     # and FP4 quantization turns such last-bit differences into ~1% flips of grid values
