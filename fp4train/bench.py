@@ -293,25 +293,25 @@ def profile_linear(
     ]  # fmt: skip
     if r.occ is not None and r.occ.compensate:
         y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
-        if r.occ.compensation == "e4m3":  # resid: flags of the columns beyond E4M3's range
-            order, cnt = kocc.order_columns(resid)
-            r_c = kocc.gather_columns(x, order, cnt, scale=s_x)
+        if r.occ.compensation in ("columns", "e4m3"):
+            if r.occ.compensation == "e4m3":  # resid flags the columns beyond E4M3's range
+
+                def pack():
+                    return kocc.gather_columns(x, *kocc.order_columns(resid), scale=s_x,
+                                               zero_rest=r.act_save is not None)  # fmt: skip
+
+                what = "OCC order + gather beyond E4M3"
+            else:
+
+                def pack():
+                    return kocc.gather_columns(resid, *kocc.outlier_columns(resid),
+                                               zero_rest=r.act_save is not None)  # fmt: skip
+
+                what = "OCC outlier columns + pack R"
+            order, cnt = (kocc.order_columns if out8 else kocc.outlier_columns)(resid)
+            r_c = pack()
             steps += [
-                ("OCC order + gather beyond E4M3",
-                 lambda: kocc.gather_columns(x, *kocc.order_columns(resid), scale=s_x,
-                                             zero_rest=r.act_save is not None)),
-                (f"OCC fwd compensation ({int(cnt)}/{k} columns)",
-                 lambda: kocc.occ_compensate_columns(y, r_c, w, order, cnt)),
-                ("OCC wgrad compensation (columns)",
-                 lambda: kocc.occ_compensate_columns_wgrad(dw32, dy, r_c, order, cnt)),
-            ]  # fmt: skip
-        elif r.occ.compensation == "columns":
-            order, cnt = kocc.outlier_columns(resid)
-            r_c = kocc.gather_columns(resid, order, cnt)
-            steps += [
-                ("OCC outlier columns + pack R",
-                 lambda: kocc.gather_columns(resid, *kocc.outlier_columns(resid),
-                                             zero_rest=r.act_save is not None)),
+                (what, pack),
                 (f"OCC fwd compensation ({int(cnt)}/{k} columns)",
                  lambda: kocc.occ_compensate_columns(y, r_c, w, order, cnt)),
                 ("OCC wgrad compensation (columns)",
