@@ -45,6 +45,14 @@ def test_clamped_rows_and_residual_match_twin(per_row):
     want = ref.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True)
     _assert_same(got, want, "clamped")
     assert got[3].abs().gt(0).any()  # the residual is not empty
+    # outliers on the E4M3 grid (x spans many binades: several columns hold a part beyond
+    # E4M3's range, columns 3 and 9 among them)
+    x = x.clone()
+    x[5, 3], x[7, 9] = 2000.0, -1500.0
+    got = traced.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True, outliers_e4m3=True)
+    want = ref.quantize_rows(x, "e2m1", lo=lo, hi=hi, store_qt=True, outliers_e4m3=True)
+    _assert_same(got, want, "clamped, outliers in E4M3")
+    assert got[3].dtype == torch.int32 and got[3][[3, 9]].tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
