@@ -316,6 +316,26 @@ def check_clamp_outliers_e4m3(g):
             want_p = torch.zeros(x.shape, dtype=torch.bfloat16)
             want_p[:, : cols.numel()] = r[:, cols].bfloat16()
             assert_same_bits(packed, want_p, f"{granularity}: the residual beyond E4M3, packed")
+            # stochastic rounding: the inliers round up or down, the outliers to nearest
+            sr = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi, stochastic=True, seed=7,
+                                  outliers_e4m3=True)  # fmt: skip
+            assert_same_bits(sr[1], got[1], f"{granularity}: stochastic scales")
+            assert_same_bits(sr[3], got[3], f"{granularity}: stochastic flags")
+            q_sr = sr[0][:40].float()
+            assert_same_bits(q_sr[out], q[out], f"{granularity}: stochastic, outliers")
+            # each inlier is one of the two E2M1 neighbours of its quotient v / s
+            v = torch.minimum(torch.maximum(xf, lo.reshape(-1, 1)), hi.reshape(-1, 1))
+            mag = (v / s).abs()[~out]
+            grid = torch.tensor([0.0, 0.5, 1, 1.5, 2, 3, 4, 6])
+            below = grid[torch.searchsorted(grid, mag, right=True) - 1]
+            above = grid[torch.searchsorted(grid, mag).clamp_max(7)]
+            got_in = q_sr[~out]
+            ok = ((got_in.abs() == below) | (got_in.abs() == above)) & (
+                (got_in == 0) | (torch.sign(got_in) == torch.sign(v[~out]))
+            )
+            if not ok.all():
+                raise AssertionError(f"{granularity}: {int((~ok).sum())} stochastic inliers "
+                                     "off their two E2M1 neighbours")  # fmt: skip
     finally:
         kq.ROW_STRATEGY = strategy
 

@@ -193,6 +193,24 @@ def _round_to_grid(
 
 
 @triton.jit
+def _round_to_e2m1_or_e4m3(u, e4m3):
+    """``_round_to_grid(u, ...)`` to nearest-even on E4M3's grid where ``e4m3``, else on
+    E2M1's: the same arithmetic, with each element's grid constants selected (OCC's outliers
+    in the FP4 operand, ``fp4train.occ.outliers_on_e4m3``)."""
+    bits = u.to(tl.int32, bitcast=True)
+    mag_bits = bits & 0x7FFFFFFF
+    mag = mag_bits.to(tl.float32, bitcast=True)
+    # E2M1: MBITS 1, MIN_EXP 0, EMAX 2, max 6; E4M3: MBITS 3, MIN_EXP -6, EMAX 8, max 448
+    e_lo = tl.where(e4m3, (-6 + 127) << 23, (0 + 127) << 23)
+    e_hi = tl.where(e4m3, (8 + 128) << 23, (2 + 128) << 23)
+    eb = tl.minimum(tl.maximum(mag_bits & 0x7F800000, e_lo), e_hi)
+    c = (eb + tl.where(e4m3, (23 - 3) << 23, (23 - 1) << 23)).to(tl.float32, bitcast=True)
+    q = tl.minimum((mag + c) - c, tl.where(e4m3, 448.0, 6.0))
+    out = (q.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    return tl.where(u != u, u, out)
+
+
+@triton.jit
 def _to_bf16_rne(u):
     """float32 -> bf16, rounded to nearest-even by integer arithmetic (the interpreter's cast
     truncates; the GPU's rounds to nearest-even): the same bits on both."""
@@ -413,11 +431,15 @@ def _round_and_store(
     noise = None
     if SR:
         noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
-    q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX, noise, SR)
+    if OUT8 and not SR:
+        # one quotient and one rounding: an inlier's v is x, so x / s is its quotient too
+        q = _round_to_e2m1_or_e4m3(div_by_scale(x, s, r), x != v)
+    else:
+        q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX, noise, SR)
+        if OUT8:  # stochastic inliers; the outliers round to nearest
+            q = tl.where(x != v, _round_to_grid(div_by_scale(x, s, r), 3, -6, 8, 448.0), q)
     resid = x - v
     if OUT8:
-        q8 = _round_to_grid(div_by_scale(x, s, r), 3, -6, 8, 448.0)  # E4M3's constants
-        q = tl.where(x != v, q8, q)
         t = s * 448.0
         resid = x - tl.minimum(tl.maximum(x, -t), t)
     omask = (rows < Mp)[:, None] & (cols < K)[None, :]
