@@ -294,21 +294,14 @@ def profile_linear(
     if r.occ is not None and r.occ.compensate:
         y = klin.scaled_mm_rowwise(q_x, q_w, s_x, s_w)
         if r.occ.compensation in ("columns", "e4m3"):
-            if r.occ.compensation == "e4m3":  # resid flags the columns beyond E4M3's range
-
-                def pack():
-                    return kocc.gather_columns(x, *kocc.order_columns(resid), scale=s_x,
+            # e4m3: resid flags the columns holding a part beyond E4M3's range, gathered from x
+            src, find, scale = (
+                (x, kocc.order_columns, s_x) if out8 else (resid, kocc.outlier_columns, None)
+            )
+            what = "OCC order + gather beyond E4M3" if out8 else "OCC outlier columns + pack R"
+            pack = lambda: kocc.gather_columns(src, *find(resid), scale=scale,
                                                zero_rest=r.act_save is not None)  # fmt: skip
-
-                what = "OCC order + gather beyond E4M3"
-            else:
-
-                def pack():
-                    return kocc.gather_columns(resid, *kocc.outlier_columns(resid),
-                                               zero_rest=r.act_save is not None)  # fmt: skip
-
-                what = "OCC outlier columns + pack R"
-            order, cnt = (kocc.order_columns if out8 else kocc.outlier_columns)(resid)
+            order, cnt = find(resid)
             r_c = pack()
             steps += [
                 (what, pack),

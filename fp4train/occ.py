@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fp4train import formats
+
 __all__ = [
     "quantile_thresholds",
     "clamp_outliers",
@@ -62,7 +64,7 @@ __all__ = [
 ]
 
 GRANULARITIES = ("tensor", "row")
-E4M3_MAX = 448.0  # the largest E4M3 value: outliers beyond E4M3_MAX · scale leave a residual
+E4M3_MAX = formats.get("e4m3").max  # 448: outliers beyond E4M3_MAX · scale leave a residual
 
 
 def _check_x(x: torch.Tensor, granularity: str) -> None:
@@ -321,8 +323,6 @@ def outliers_on_e4m3(
     dense, is x − clamp(x, −t, t) with t = 448 · scale (float32): zero unless |x| > t.
     The triton backend computes the same numbers (r2 rounded to bf16).
     """
-    from fp4train.formats import round_to_format
-
     for name, t in (("x", x), ("x_c", x_c), ("data", data), ("scale", scale)):
         if t.dtype != torch.float32:
             raise TypeError(f"outliers_on_e4m3 needs float32 {name}, got {t.dtype}")
@@ -333,6 +333,6 @@ def outliers_on_e4m3(
         )
     if scale.shape != (x.shape[0], 1):
         raise ValueError(f"scale must be [M, 1] = [{x.shape[0]}, 1], got {tuple(scale.shape)}")
-    data8 = torch.where(x != x_c, round_to_format(x / scale, "e4m3"), data)
+    data8 = torch.where(x != x_c, formats.round_to_format(x / scale, "e4m3"), data)
     t = scale * E4M3_MAX
     return data8, x - torch.clamp(x, min=-t, max=t)

@@ -55,6 +55,19 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
         raise AssertionError(f"{what}: {n} of {got.numel()} elements differ")
 
 
+def residual_beyond_e4m3(x: torch.Tensor, scale: torch.Tensor):
+    """Independent reference for OCC's e4m3 compensation: (r, cols, packed) for x [M, K] and
+    its row scales (at least M): r = x − clamp(x, ±t), t = 448·scale (the float32 product),
+    in float64; cols, the columns where r is nonzero, ascending; packed, r's columns cols
+    rounded once to bf16, to the left of an [M, K] zero tensor (``gather_columns``' layout)."""
+    t = (scale[: x.shape[0], None] * 448.0).double()
+    r = x.double() - torch.minimum(torch.maximum(x.double(), -t), t)
+    cols = (r != 0).any(0).nonzero().flatten()
+    packed = torch.zeros(x.shape, dtype=torch.bfloat16, device=x.device)
+    packed[:, : cols.numel()] = r[:, cols].bfloat16()
+    return r, cols, packed
+
+
 # the clamp bounds of check_column_compensation's three cases, for x with three outlier
 # channels 30× larger than the rest
 COLUMN_CASES = {"3 channels": (-8.0, 8.0), "every column": (-0.5, 0.5), "none": (-1e4, 1e4)}

@@ -16,7 +16,13 @@ import traceback
 
 import pytest
 import torch
-from conftest import COLUMN_CASES, assert_same_bits, check_column_compensation, wide_values
+from conftest import (
+    COLUMN_CASES,
+    assert_same_bits,
+    check_column_compensation,
+    residual_beyond_e4m3,
+    wide_values,
+)
 
 CHECKS = [
     "round_to_grid_every_format",
@@ -304,17 +310,13 @@ def check_clamp_outliers_e4m3(g):
             u = (xf / s).numpy()  # float32 quotients, as the kernels divide
             e4m3 = np.clip(u, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
             assert_same_bits(q[out], torch.from_numpy(e4m3)[out], f"{granularity}: outliers")
-            t = (s * 448.0).double()  # the float32 product
-            r = x.double() - torch.minimum(torch.maximum(x.double(), -t), t)
-            cols = (r != 0).any(0).nonzero().flatten()
+            r, cols, want_p = residual_beyond_e4m3(x, got[1])
             if not torch.equal(got[3], (r != 0).any(0).int()):
                 raise AssertionError(f"{granularity}: flags {got[3].nonzero()} vs {cols}")
             if not 2 <= cols.numel() <= 3:
                 raise AssertionError(f"{granularity}: {cols.numel()} columns beyond E4M3's range")
             order, n = kocc.order_columns(got[3])
             packed = kocc.gather_columns(x, order, n, scale=got[1])
-            want_p = torch.zeros(x.shape, dtype=torch.bfloat16)
-            want_p[:, : cols.numel()] = r[:, cols].bfloat16()
             assert_same_bits(packed, want_p, f"{granularity}: the residual beyond E4M3, packed")
             # stochastic rounding: the inliers round up or down, the outliers to nearest
             sr = kq.quantize_rows(x, "e2m1", lo=lo, hi=hi, stochastic=True, seed=7,

@@ -335,7 +335,7 @@ def _gather_columns_kernel(
                 mask=rmask & take[None, :], other=0.0)  # fmt: skip
     if BEYOND:  # the arithmetic of _round_and_store's OUT8 residual: the same bits
         v = v.to(tl.float32)
-        t = tl.load(s_ptr + rows, mask=rows < R, other=1.0)[:, None] * 448.0
+        t = tl.load(s_ptr + rows, mask=rows < R, other=1.0)[:, None] * _q.E4M3_MAX
         v = v - tl.minimum(tl.maximum(v, -t), t)
     write = (cols < K) if ZERO_REST else take
     tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],

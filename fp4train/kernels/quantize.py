@@ -105,6 +105,13 @@ def grid_constants(name: str) -> dict:
     )
 
 
+# E4M3's grid, for OCC's outliers in an E2M1 operand (compensation "e4m3")
+E4M3_MAX = tl.constexpr(grid_constants("e4m3")["FMAX"])
+E4M3_MBITS = tl.constexpr(grid_constants("e4m3")["MBITS"])
+E4M3_MIN_EXP = tl.constexpr(grid_constants("e4m3")["MIN_EXP"])
+E4M3_EMAX = tl.constexpr(grid_constants("e4m3")["EMAX"])
+
+
 # ------------------------------------------------------------------------------ custom ops
 def custom_op(name: str, mutates_args: tuple[str, ...] = ()):
     """Register ``fn`` as custom op ``name`` for torch.compile; call it directly in eager.
@@ -158,9 +165,12 @@ def _round_to_grid(
     FMAX: tl.constexpr,
     noise=None,
     STOCHASTIC: tl.constexpr = False,
+    e4m3=None,
 ):
     """Round float32 ``u`` to nearest-even on the grid, saturating at ±FMAX (NaN stays NaN);
     with ``STOCHASTIC``, up with probability frac (``noise`` uniform in [0, 1), u's shape).
+    ``e4m3`` (nearest only; a mask of u's shape): round those elements on E4M3's grid instead
+    (OCC's outliers in the FP4 operand, ``fp4train.occ.outliers_on_e4m3``).
 
     The numbers of ``fp4train.formats.round_to_format``: the grid step in u's binade e
     (binades below the smallest normal share its step) is 2**(e - MBITS).
@@ -184,28 +194,18 @@ def _round_to_grid(
         # the ulp of mag + c is the grid step, so the float32 addition rounds mag to the grid,
         # to nearest-even, and subtracting c is exact. (Half the instructions of scaling by
         # the step; checked against round_to_format on every format in the tests.)
-        eb = tl.minimum(tl.maximum(mag_bits & 0x7F800000, (MIN_EXP + 127) << 23),
-                        (EMAX + 128) << 23)  # fmt: skip
-        c = (eb + ((23 - MBITS) << 23)).to(tl.float32, bitcast=True)
-        q = tl.minimum((mag + c) - c, FMAX)
-    out = (q.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
-    return tl.where(u != u, u, out)
-
-
-@triton.jit
-def _round_to_e2m1_or_e4m3(u, e4m3):
-    """``_round_to_grid(u, ...)`` to nearest-even on E4M3's grid where ``e4m3``, else on
-    E2M1's: the same arithmetic, with each element's grid constants selected (OCC's outliers
-    in the FP4 operand, ``fp4train.occ.outliers_on_e4m3``)."""
-    bits = u.to(tl.int32, bitcast=True)
-    mag_bits = bits & 0x7FFFFFFF
-    mag = mag_bits.to(tl.float32, bitcast=True)
-    # E2M1: MBITS 1, MIN_EXP 0, EMAX 2, max 6; E4M3: MBITS 3, MIN_EXP -6, EMAX 8, max 448
-    e_lo = tl.where(e4m3, (-6 + 127) << 23, (0 + 127) << 23)
-    e_hi = tl.where(e4m3, (8 + 128) << 23, (2 + 128) << 23)
-    eb = tl.minimum(tl.maximum(mag_bits & 0x7F800000, e_lo), e_hi)
-    c = (eb + tl.where(e4m3, (23 - 3) << 23, (23 - 1) << 23)).to(tl.float32, bitcast=True)
-    q = tl.minimum((mag + c) - c, tl.where(e4m3, 448.0, 6.0))
+        e_lo = (MIN_EXP + 127) << 23
+        e_hi = (EMAX + 128) << 23
+        shift = (23 - MBITS) << 23
+        fmax = FMAX
+        if e4m3 is not None:  # each element's grid constants selected
+            e_lo = tl.where(e4m3, (E4M3_MIN_EXP + 127) << 23, e_lo)
+            e_hi = tl.where(e4m3, (E4M3_EMAX + 128) << 23, e_hi)
+            shift = tl.where(e4m3, (23 - E4M3_MBITS) << 23, shift)
+            fmax = tl.where(e4m3, E4M3_MAX, fmax)
+        eb = tl.minimum(tl.maximum(mag_bits & 0x7F800000, e_lo), e_hi)
+        c = (eb + shift).to(tl.float32, bitcast=True)
+        q = tl.minimum((mag + c) - c, fmax)
     out = (q.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(u != u, u, out)
 
@@ -433,14 +433,16 @@ def _round_and_store(
         noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
     if OUT8 and not SR:
         # one quotient and one rounding: an inlier's v is x, so x / s is its quotient too
-        q = _round_to_e2m1_or_e4m3(div_by_scale(x, s, r), x != v)
+        q = _round_to_grid(div_by_scale(x, s, r), MBITS, MIN_EXP, EMAX, FMAX, e4m3=x != v)
     else:
         q = _round_to_grid(div_by_scale(v, s, r), MBITS, MIN_EXP, EMAX, FMAX, noise, SR)
         if OUT8:  # stochastic inliers; the outliers round to nearest
-            q = tl.where(x != v, _round_to_grid(div_by_scale(x, s, r), 3, -6, 8, 448.0), q)
+            q8 = _round_to_grid(div_by_scale(x, s, r), E4M3_MBITS, E4M3_MIN_EXP, E4M3_EMAX,
+                                E4M3_MAX)  # fmt: skip
+            q = tl.where(x != v, q8, q)
     resid = x - v
     if OUT8:
-        t = s * 448.0
+        t = s * E4M3_MAX
         resid = x - tl.minimum(tl.maximum(x, -t), t)
     omask = (rows < Mp)[:, None] & (cols < K)[None, :]
     if STORE_Q:

@@ -106,7 +106,7 @@ def quantize_rows(
         data, s = _absmax_quantize(v, fmt, 1)
         xf = x.float()
         data = torch.where(xf != v, _round_to_grid(_div_by_scales(xf, s, 1), "e4m3"), data)
-        t = (s * 448.0).unsqueeze(1)
+        t = (s * _GRID["e4m3"]["FMAX"]).unsqueeze(1)
         resid = (xf - torch.clamp(xf, min=-t, max=t) != 0).any(dim=0).to(torch.int32)
         q = _pad_rows(data, mp).to(FP8_DTYPE[fmt])
         s = F.pad(s, (0, mp - s.shape[0]), value=1.0)
