@@ -34,6 +34,7 @@ DX passes straight through the OCC clamp: dX = dgrad(dY, Ŵ), outliers included.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -93,7 +94,7 @@ def reference_forward(
         # the outliers ride in X's FP8 operand on the E4M3 grid; only the part beyond
         # E4M3's range (R₂, usually empty) stays for the high-precision products
         data8, r2 = _occ.outliers_on_e4m3(x_hp, x_c.float(), qx.data, qx.scale)
-        qx = QuantizedTensor(data8, qx.scale, qx.fmt, qx.granularity, qx.block_size)
+        qx = dataclasses.replace(qx, data=data8)
         residual = _occ.SparseResidual.from_dense(r2)
     qw = _quant(w_hp, recipe.fwd_w, reduce_dim=1, nonfinite=nf)
     x_hat, w_hat = _deq(qx, x_c), _deq(qw, w_hp)

@@ -25,6 +25,7 @@ Usage (``fp4train train --monitor-every N`` does this)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from functools import partial
@@ -99,7 +100,7 @@ def activation_stats(x: torch.Tensor, recipe: Recipe) -> dict[str, float]:
         from fp4train.occ import outliers_on_e4m3
 
         data8, r2 = outliers_on_e4m3(x, x_c, q.data, q.scale)
-        q = type(q)(data8, q.scale, q.fmt, q.granularity, q.block_size)
+        q = dataclasses.replace(q, data=data8)
         compensation = r2
     seen = q.dequantize()
     if compensation is not None:
