@@ -18,7 +18,10 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 if [[ " $* " == *" --train "* ]]; then
   timeout 130 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp4-dge fp4-paper "$E8" \
     2>&1 | grep "^|" | tee "$OUT/step.md"
-  timeout 430 python3 -m fp4train compare --model 125m --recipes "bf16,fp4-paper,$E8" \
+  # R kept full width for backward (as before session 14), for the cost of the compact one
+  FP4TRAIN_FULL_RESIDUAL=1 timeout 70 python3 -m fp4train bench step --models 1.3b \
+    --recipes bf16 fp4-paper "$E8" 2>&1 | grep "^|" | tee "$OUT/step_full_residual.md"
+  timeout 380 python3 -m fp4train compare --model 125m --recipes "bf16,fp4-paper,$E8" \
     --max-steps 300 --batch-size 8 --seq-len 1024 --lr 6e-4 --eval-every 100 --eval-batches 10 \
     --log-every 10 --ckpt-every 1000 --no-progress --out "$OUT/cmp" 2>&1 \
     | tail -8 | tee "$OUT/compare.txt"
@@ -26,7 +29,7 @@ if [[ " $* " == *" --train "* ]]; then
   exit 0
 fi
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
-  -k "occ or triton_matches_reference or rows_bit_exact or compiled_traced or without_graph" 2>&1 \
+  -k "occ or compact or triton_matches_reference or rows_bit_exact or compiled_traced or without_graph" 2>&1 \
   | grep -v "^tests\|^  \|^$\|Warn" | tail -15 | tee "$OUT/gpu_tests.txt"
 timeout 200 python3 -m fp4train bench linear --cuda-graph --recipes fp4-dge fp4-paper "$E8" \
   "$E8+chan" "$COLS+chan" 2>&1 | grep "^|" | tee "$OUT/bench_linear.md"

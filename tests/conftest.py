@@ -133,3 +133,66 @@ def check_column_compensation(case: str, gen: torch.Generator, m: int, k: int, n
     rest = torch.ones(k, dtype=torch.bool, device=dev)
     rest[cols] = False
     assert_same_bits(got[:, rest], dw0[:, rest], f"{case}: dW off the outlier columns")
+    # compact, as FP4Linear keeps R for backward once the host knows n: [M, n], the same
+    # columns, products bit for bit those of the full-width buffer
+    r_n = kocc.gather_columns(resid, order, cnt, width=c)
+    if r_n.shape != (m, c):
+        raise AssertionError(f"{case}: compact R of shape {tuple(r_n.shape)}, want {(m, c)}")
+    assert_same_bits(r_n, r_c[:, :c], f"{case}: compact R")
+    y_full = kocc.occ_compensate_columns(y.clone(), r_c, w, order, cnt)
+    assert_same_bits(kocc.occ_compensate_columns(y.clone(), r_n, w, order, cnt), y_full,
+                     f"{case}: forward over the compact R")  # fmt: skip
+    assert_same_bits(kocc.occ_compensate_columns_wgrad(dw0.clone(), dy, r_n, order, cnt), got,
+                     f"{case}: wgrad over the compact R")  # fmt: skip
+
+
+def check_compact_residual(device: str, gen: torch.Generator) -> None:
+    """FP4Linear's triton path keeps OCC's R for backward at its size when it may sync (the
+    dense compensation's nonzeros, the column compensations' [M, n]): the same y, dX and dW
+    bit for bit as with the full-width buffers kept under torch.compile / graph capture."""
+    from fp4train import kernels
+    from fp4train.kernels import linear as klin
+    from fp4train.recipe import Recipe
+
+    x = torch.randn(50, 64, generator=gen, device=device)
+    x[:, :2] *= 20
+    x = x.bfloat16()
+    w = torch.randn(48, 64, generator=gen, device=device) * 0.05
+    dy = torch.randn(50, 48, generator=gen, device=device).bfloat16()
+    xm = x.clone()
+    xm[4, 10], xm[30, 60] = 3000.0, -5000.0  # beyond E4M3's range of their rows' scales
+    paper = Recipe.preset("fp4-paper")
+    cases = []
+    for comp in ("dense", "columns", "e4m3"):
+        for act_save in (None, "e4m3"):
+            if comp == "e4m3" and act_save:
+                continue
+            cases.append((paper.replace(**{"occ.compensation": comp}, act_save=act_save), x))
+    cases.append((paper.replace(**{"occ.compensation": "e4m3"}), xm))
+    for recipe, xin in cases:
+        name = f"{recipe.occ.compensation} act_save={recipe.act_save} max {xin.abs().max()}"
+        out = {}
+        for compact in (False, True):
+            klin.COMPACT_RESIDUAL = compact
+            try:
+                y, saved = kernels.linear_forward(xin, w, recipe)
+                grads = kernels.linear_backward(saved, dy, w, recipe, True, True)
+            finally:
+                klin.COMPACT_RESIDUAL = True
+            out[compact] = (y, *grads, saved)
+        for i, what in enumerate(("y", "dx", "dw")):
+            assert_same_bits(out[True][i], out[False][i], f"{name}: {what}")
+        full, lean = out[False][3][4], out[True][3][4]  # R as kept
+        if recipe.occ.compensation == "dense":
+            idx = out[True][3][6]
+            if recipe.act_save is None:
+                nz = full.reshape(-1).nonzero().reshape(-1)
+                if not torch.equal(idx, nz) or not torch.equal(lean, full.reshape(-1)[nz]):
+                    raise AssertionError(f"{name}: R's nonzeros differ from the dense R")
+            if lean.ndim != 1 or lean.numel() >= full.numel() // 10:
+                raise AssertionError(f"{name}: kept {tuple(lean.shape)} of R {tuple(full.shape)}")
+        else:
+            n = int(out[True][3][7])
+            want = 2 if recipe.occ.compensation == "columns" or xin is xm else 0
+            if n != want or lean.shape[1] != n:
+                raise AssertionError(f"{name}: {n} columns, kept {tuple(lean.shape)} of R")

@@ -11,6 +11,7 @@ from conftest import (
     COLUMN_CASES,
     assert_same_bits,
     check_column_compensation,
+    check_compact_residual,
     residual_beyond_e4m3,
     wide_values,
 )
@@ -346,6 +347,43 @@ def test_occ_column_compensation_on_gpu(case, gen):
         check_column_compensation(case, g, 1000, 512, 384)
     except AssertionError as e:
         raise AssertionError(f"{e} (seed {seed})") from e
+
+
+@pytest.mark.parametrize("compensation", ["dense", "columns", "e4m3"])
+def test_occ_residual_compact_eagerly_full_under_graph_capture(compensation, gen):
+    """Eagerly R is kept at its size (the host learns it through a queued copy); captured
+    in a CUDA graph, nothing syncs and R stays full width: the same bits either way."""
+    g, seed = gen
+    if compensation == "dense":
+        check_compact_residual("cuda", g)
+    recipe = Recipe.preset("fp4-paper").replace(**{"occ.compensation": compensation})
+    torch.manual_seed(0)
+    layer = FP4Linear(512, 768, bias=False, device="cuda", recipe=recipe)
+    x = torch.randn(1024, 512, device="cuda", generator=g)
+    x[:, :8] *= 25
+    x[5, 100] = 5e4  # beyond E4M3's range of its row: one residual column for "e4m3"
+    x = x.bfloat16().requires_grad_()
+    dy = torch.randn(1024, 768, device="cuda", generator=g).bfloat16()
+
+    def step():
+        x.grad = layer.weight.grad = None
+        y = layer(x)
+        y.backward(dy)
+        return y
+
+    want = (step(), x.grad, layer.weight.grad)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for what, a, b in zip(("y", "dx", "dw"), (y, x.grad, layer.weight.grad), want, strict=True):
+        assert_same_bits(a, b, f"{compensation} {what}, graph vs eager (seed {seed})")
 
 
 def test_stochastic_rounding_unbiased_on_gpu(gen):

@@ -20,6 +20,7 @@ from conftest import (
     COLUMN_CASES,
     assert_same_bits,
     check_column_compensation,
+    check_compact_residual,
     residual_beyond_e4m3,
     wide_values,
 )
@@ -40,6 +41,7 @@ CHECKS = [
     "dge_weight_grad",
     "occ_column_compensation",
     "linear_matches_reference",
+    "linear_keeps_residual_compact",
     "linear_act_save_requantizes_w",
     "linear_passes_fast_accum",
     "compiled_model_matches_eager",
@@ -432,6 +434,10 @@ def check_linear_matches_reference(g):
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         if not err < 5e-3:
             raise AssertionError(f"e4m3 beyond E4M3's range {what}: relative error {err:.2e}")
+
+
+def check_linear_keeps_residual_compact(g):
+    check_compact_residual("cpu", g)
 
 
 def check_linear_passes_fast_accum(g):

@@ -109,7 +109,7 @@ def _amax_case():
 def _gather_case(dtype: str, beyond: bool = False):
     sig = dict(src_ptr=f"*{dtype}", stride_s="i32", order_ptr="*i32", n_ptr="*i32",
                dst_ptr="*bf16", s_ptr="*fp32" if beyond else "*bf16", R="i32",
-               K="i32")  # fmt: skip
+               W="i32")  # fmt: skip
     ce = dict(BLOCK_R=32, BLOCK_C=128, ZERO_REST=True, BEYOND=beyond)
     return kocc._gather_columns_kernel, sig, ce, 4
 
@@ -134,8 +134,8 @@ def _compensate_case():
 
 
 def _compensate_wgrad_case():
-    sig = dict(dw_ptr="*fp32", dy_ptr="*bf16", r_ptr="*bf16", order_ptr="*i32", n_ptr="*i32",
-               M="i32", N="i32", K="i32")  # fmt: skip
+    sig = dict(dw_ptr="*fp32", dy_ptr="*bf16", r_ptr="*bf16", stride_r="i32",
+               order_ptr="*i32", n_ptr="*i32", M="i32", N="i32", K="i32")  # fmt: skip
     cfg = dict(kocc.COLUMNS_WGRAD_CONFIG)
     warps = cfg.pop("num_warps")
     return kocc._compensate_columns_wgrad_kernel, sig, dict(UPCAST=False, **cfg), warps

@@ -20,13 +20,16 @@ The wgrad GEMM writes the float32 master gradient directly; DGE then scales it i
 With OCC, the X quantize pass also writes the dense bf16 residual R, and the compensation
 products are bf16 GEMMs (``fp4train.kernels.occ``), over all columns or, with
 ``occ.compensation="columns"``, over the columns holding an outlier; nothing syncs with the
-host. With ``occ.compensation="e4m3"`` the quantize pass stores the outliers themselves in
-q_x on the E4M3 grid (both GEMMs then carry them at FP8 speed) and R is only their part
-beyond E4M3's range, compensated over its columns (none, unless an outlier exceeds 74.7×
-its row's clamp bound). Backward keeps R for wgrad's term: in bf16, or with
-``act_save="e4m3"`` in E4M3 with a float32 scale per row (half the bytes; R is as large as
-X), and W's FP8 copy is not kept: backward quantizes the master weight again (the same bits;
-one more read of W).
+host but the residual's size (below). With ``occ.compensation="e4m3"`` the quantize pass
+stores the outliers themselves in q_x on the E4M3 grid (both GEMMs then carry them at FP8
+speed) and R is only their part beyond E4M3's range, compensated over its columns (none,
+unless an outlier exceeds 74.7× its row's clamp bound). Backward keeps R for wgrad's term at
+its own size when run eagerly (the dense compensation's nonzeros, the column compensations'
+[M, n]; the host learns the size through a copy queued behind the kernel that counts it and
+reads it once the GEMMs are queued, so the GPU keeps working meanwhile), and full width under
+torch.compile or CUDA-graph capture; with ``act_save="e4m3"`` R is rounded to E4M3 with a
+float32 scale per row, and W's FP8 copy is not kept: backward quantizes the
+master weight again (the same bits; one more read of W).
 """
 
 from __future__ import annotations
@@ -179,12 +182,63 @@ def _seed(recipe: Recipe, ops: tuple[str, ...]) -> int:
     return 0
 
 
+class _HostInt:
+    """A device scalar's value for the host without a full sync: the copy to pinned memory is
+    queued behind the kernel that computes it, and :meth:`get` waits for that kernel only, so
+    the work queued after it (the GEMMs) keeps the GPU busy meanwhile."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._event = None
+        if t.device.type == "cuda":
+            self._buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._buf.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._buf = t
+
+    def get(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._buf.reshape(-1)[0])
+
+
+# Keep OCC's residual for backward at its size (see _compact_residual); False (or the
+# environment's FP4TRAIN_FULL_RESIDUAL=1) keeps the full-width buffers, as under
+# torch.compile and CUDA-graph capture: the tests compare both, the benchmarks time both
+COMPACT_RESIDUAL = os.environ.get("FP4TRAIN_FULL_RESIDUAL") != "1"
+
+
+def _compact_residual() -> bool:
+    """Whether OCC's residual is kept for backward at its own size: its nonzeros (dense
+    compensation) or its n columns, sizes the host learns from the device. Not while
+    torch.compile traces or a CUDA graph captures, whose shapes must not depend on data."""
+    if not COMPACT_RESIDUAL or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _e4m3_rows_bf16(r: torch.Tensor) -> torch.Tensor:
+    """R rounded to E4M3 with one scale per row, back in bf16: act_save's copy of R (the
+    arithmetic linear_backward applies to the FP8 copy when R is kept full width)."""
+    q, s, _, _ = _quantize_rows(r, "e4m3", store_q=True)
+    m = r.shape[0]
+    return (q[:m].float() * s[:m, None]).to(torch.bfloat16)
+
+
 def linear_forward(
     x2d: torch.Tensor, weight: torch.Tensor, recipe: Recipe
 ) -> tuple[torch.Tensor, tuple]:
     """Y = X Wᵀ per ``recipe``: returns (y [M, N] bf16, tensors for :func:`linear_backward`).
 
     x2d [M, K] (bf16 on the hot path), weight [N, K] (the float32 master). No bias.
+
+    With OCC, eagerly, backward keeps R at its own size (``_compact_residual``): the dense
+    compensation's nonzeros (≈ 2(1 − α) of X's entries) as bf16 values and flat int64
+    indices, the column compensations' [M, n] outlier columns. The sizes come to the host
+    through a copy queued behind the kernel that counts them, read after the GEMMs are
+    queued, so the GPU does not wait. Under torch.compile or CUDA-graph capture R is kept full
+    width ([M, K] bf16: more memory than a bf16 layer's saved X), as nothing may sync there.
     """
     _check(recipe, x2d, weight)
     x2d = x2d.contiguous()
@@ -198,11 +252,22 @@ def linear_forward(
     seed = _seed(recipe, ("fwd_x", "fwd_w"))
     # compensation "e4m3": the outliers ride in q_x on the E4M3 grid, resid flags the columns
     # holding a part beyond E4M3's range (usually none), compensated over those columns
-    out8 = occ is not None and occ.compensate and occ.compensation == "e4m3"
+    comp = occ.compensation if occ is not None and occ.compensate else None
     q_x, s_x, q_x_t, resid = _quantize_rows(
         x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True,
-        stochastic=_stochastic(recipe, "fwd_x"), seed=seed, outliers_e4m3=out8,
+        stochastic=_stochastic(recipe, "fwd_x"), seed=seed, outliers_e4m3=comp == "e4m3",
     )  # fmt: skip
+    compact = comp is not None and _compact_residual()
+    order = n_cols = count = r_keep = None
+    if comp == "e4m3":  # resid: flags of the columns beyond E4M3's range
+        order, n_cols = order_columns(resid)
+        count = _HostInt(n_cols) if compact else None
+    elif comp == "columns":  # R packed to its outlier columns, first n of order
+        order, n_cols = outlier_columns(resid)
+        count = _HostInt(n_cols) if compact else None
+    elif comp == "dense" and compact:  # wgrad's R (act_save: in E4M3) kept by its nonzeros
+        r_keep = resid if recipe.act_save is None else _e4m3_rows_bf16(resid)
+        count = _HostInt(torch.count_nonzero(r_keep))
     keep_w = not _requantize_w(recipe)
     q_w, s_w, q_w_t, _ = _quantize_rows(
         weight, fw, store_q=True, store_qt=keep_w, stochastic=_stochastic(recipe, "fwd_w"),
@@ -210,22 +275,24 @@ def linear_forward(
     )  # fmt: skip
     # fwd: Y = (q_x·s_x)(q_w·s_w)ᵀ   [Mp,K] @ [K,N] -> [Mp,N]
     y = scaled_mm_rowwise(q_x, q_w, s_x, s_w, torch.bfloat16, recipe.fast_accum)[:m]
-    r = s_r = order = n_cols = None
-    if occ is not None and occ.compensate:
-        if occ.compensation == "e4m3":  # resid: flags of the columns beyond E4M3's range
-            order, n_cols = order_columns(resid)
-            r = gather_columns(x2d, order, n_cols, zero_rest=recipe.act_save is not None,
-                               scale=s_x)  # fmt: skip
-            y = occ_compensate_columns(y, r, weight, order, n_cols)
-        elif occ.compensation == "columns":  # R packed to its outlier columns, first n of order
-            order, n_cols = outlier_columns(resid)
-            r = gather_columns(resid, order, n_cols, zero_rest=recipe.act_save is not None)
-            y = occ_compensate_columns(y, r, weight, order, n_cols)
+    r = s_r = None
+    if comp == "dense":
+        y = occ_compensate(y, resid, weight)  # Y += R·Wᵀ, a bf16 GEMM, float32 accumulation
+        if compact:  # R's nonzeros (the GEMMs run meanwhile), no sync in nonzero_static
+            order = torch.nonzero_static(r_keep.view(-1), size=count.get()).view(-1)
+            r = r_keep.view(-1)[order]
         else:
-            r = resid  # Y += R·Wᵀ, a dense bf16 GEMM with float32 accumulation
-            y = occ_compensate(y, r, weight)
-        if recipe.act_save == "e4m3":  # wgrad's copy of R in FP8, one scale per row
-            r, s_r, _, _ = _quantize_rows(r, "e4m3", store_q=True)
+            r = resid
+    elif comp is not None:
+        # the columns to pack: R's, or X's part beyond E4M3's range (recomputed from x and s)
+        src, scale = (x2d, s_x) if comp == "e4m3" else (resid, None)
+        width = count.get() if compact else None
+        zero_rest = recipe.act_save is not None and not compact  # act_save's row scales
+        r = gather_columns(src, order, n_cols, zero_rest=zero_rest, scale=scale, width=width)
+        if r.shape[1]:
+            y = occ_compensate_columns(y, r, weight, order, n_cols)
+    if r is not None and recipe.act_save == "e4m3" and r.ndim == 2 and r.shape[1]:
+        r, s_r, _, _ = _quantize_rows(r, "e4m3", store_q=True)  # wgrad's R in FP8, row scales
     if not keep_w:
         q_w_t = None  # backward quantizes W again: the same bits, 1 byte per weight less held
     return y, (q_x_t, s_x, q_w_t, s_w, r, s_r, order, n_cols)
@@ -278,8 +345,13 @@ def linear_backward(
         if r is not None:
             if s_r is not None:  # E4M3 R (act_save): dequantized in float32, then bf16
                 r = (r[:m].float() * s_r[:m, None]).to(torch.bfloat16)
-            if order is not None:  # dW[:, cols] += dYᵀ·R[:, cols], the outlier columns only
-                dw = occ_compensate_columns_wgrad(dw, dy2d, r, order, n_cols)
+            if r.ndim == 1:  # R's nonzeros at the flat positions ``order``: dense again
+                vals = r
+                r = torch.zeros(m, weight.shape[1], dtype=vals.dtype, device=vals.device)
+                r.view(-1)[order] = vals
+            if n_cols is not None:  # dW[:, cols] += dYᵀ·R[:, cols], the outlier columns only
+                if r.shape[1]:
+                    dw = occ_compensate_columns_wgrad(dw, dy2d, r, order, n_cols)
             else:
                 dw = occ_compensate_wgrad(dw, dy2d, r)  # dW += dYᵀ·R
         if recipe.dge is not None:

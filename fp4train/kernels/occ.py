@@ -316,10 +316,10 @@ def _gather_columns_kernel(
     stride_s,
     order_ptr,  # [K] int32
     n_ptr,  # [1] int32
-    dst_ptr,  # [R, K] bf16: dst[:, j] = src[:, order[j]] for j < n, else 0
+    dst_ptr,  # [R, W] bf16: dst[:, j] = src[:, order[j]] for j < n, else 0
     s_ptr,  # [R] float32 row scales (BEYOND)
     R,
-    K,
+    W,  # dst's width (K, or n when the host knows it)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ZERO_REST: tl.constexpr,  # write zeros after the first n columns (else leave them)
@@ -328,7 +328,7 @@ def _gather_columns_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.load(n_ptr)
-    take = cols < n
+    take = (cols < n) & (cols < W)
     idx = tl.load(order_ptr + cols, mask=take, other=0)
     rmask = (rows < R)[:, None]
     v = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_s + idx[None, :],
@@ -337,8 +337,8 @@ def _gather_columns_kernel(
         v = v.to(tl.float32)
         t = tl.load(s_ptr + rows, mask=rows < R, other=1.0)[:, None] * _q.E4M3_MAX
         v = v - tl.minimum(tl.maximum(v, -t), t)
-    write = (cols < K) if ZERO_REST else take
-    tl.store(dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+    write = (cols < W) if ZERO_REST else take
+    tl.store(dst_ptr + rows.to(tl.int64)[:, None] * W + cols[None, :],
              _q._to_bf16_rne(v.to(tl.float32)), mask=rmask & write[None, :])  # fmt: skip
 
 
@@ -349,31 +349,38 @@ def gather_columns(
     n: torch.Tensor,
     zero_rest: bool = True,
     scale: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """[R, K] bf16 whose first n columns are ``src[:, order[:n]]`` (rounded to bf16 to nearest
     even, as ``.to(torch.bfloat16)``) and the rest zero (``zero_rest``; else left unwritten,
     for a consumer that reads only the first n: the full-width write is as long as the
     gather); ``src`` [R, K] bf16 or float32 (W). With ``scale`` ([R] float32 row scales, from
     ``quantize_rows(src, ..., outliers_e4m3=True)``) the columns gathered are those of
-    src − clamp(src, ±448·scale) in float32, the part of OCC's outliers beyond E4M3's range."""
+    src − clamp(src, ±448·scale) in float32, the part of OCC's outliers beyond E4M3's range.
+    ``width``: the output's columns instead of K, when the host knows n (the first ``width``
+    of them; pass n itself for a compact [R, n])."""
     _q._check_2d(src, "src")
     r, k = src.shape
-    dst = _q.empty_output((r, k), torch.bfloat16, src.device)
+    w = k if width is None else width
+    if not 0 <= w <= k:
+        raise ValueError(f"width must lie in [0, {k}], got {w}")
+    dst = _q.empty_output((r, w), torch.bfloat16, src.device)
     if scale is not None and scale.numel() < r:
         raise ValueError(f"scale must hold at least {r} row scales, got {scale.numel()}")
-    if r and k:
-        grid = (cdiv(r, 32), cdiv(k, 128))
+    if r and w:
+        grid = (cdiv(r, 32), cdiv(w, 128))
         launch(
             _gather_columns_kernel, grid, src, src.stride(0), order, n, dst,
-            scale if scale is not None else dst, r, k, BLOCK_R=32, BLOCK_C=128,
+            scale if scale is not None else dst, r, w, BLOCK_R=32, BLOCK_C=128,
             ZERO_REST=zero_rest, BEYOND=scale is not None, num_warps=4,
         )  # fmt: skip
     return dst
 
 
 @gather_columns.op.register_fake
-def _(src, order, n, zero_rest=True, scale=None):
-    return src.new_empty(src.shape, dtype=torch.bfloat16)
+def _(src, order, n, zero_rest=True, scale=None, width=None):
+    w = src.shape[1] if width is None else width
+    return src.new_empty((src.shape[0], w), dtype=torch.bfloat16)
 
 
 # launch configurations of the two products (benchmarks/sweep_columns.py, H100, 8192 x 4096
@@ -411,7 +418,7 @@ def _compensate_columns_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n = tl.load(n_ptr)
+    n = tl.minimum(tl.load(n_ptr), K)  # r and w hold the first n columns (K ≥ n)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -453,12 +460,14 @@ def occ_compensate_columns(
 ) -> torch.Tensor:
     """Forward compensation over the outlier columns, in place on ``y`` [M, N] bf16 (unit
     stride along N): ``Y += R[:, cols] · W[:, cols]ᵀ`` with cols = order[:n]
-    (:func:`outlier_columns`), ``r_c`` [M, K] from :func:`gather_columns`, weight [N, K] (its
-    columns gathered and cast to bf16 here); float32 accumulation, one rounding to bf16.
-    Returns ``y``. Work proportional to n: with n = 0, y is neither read nor written."""
+    (:func:`outlier_columns`), ``r_c`` [M, K] (or [M, n], compact) from
+    :func:`gather_columns`, weight [N, K] (its columns gathered at r_c's width and cast to bf16
+    here); float32 accumulation, one rounding to bf16. Returns ``y``. Work proportional to n:
+    with n = 0, y is neither read nor written."""
     if y.dtype != torch.bfloat16 or (y.shape[1] > 1 and y.stride(1) != 1):
         raise ValueError(f"y must be bf16 with unit stride along N, got {y.dtype} {y.stride()}")
-    _compensate_columns(y, r_c, gather_columns(weight, order, n, zero_rest=False), n)
+    w_c = gather_columns(weight, order, n, zero_rest=False, width=r_c.shape[1])
+    _compensate_columns(y, r_c, w_c, n)
     return y
 
 
@@ -466,7 +475,8 @@ def occ_compensate_columns(
 def _compensate_columns_wgrad_kernel(
     dw_ptr,  # [N, K] float32, updated in place on columns order[:n]
     dy_ptr,  # [M, N] bf16, unit stride along N
-    r_ptr,  # [M, K] bf16: R's outlier columns first
+    r_ptr,  # [M, ≥ n] bf16: R's outlier columns first
+    stride_r,
     order_ptr,  # [K] int32
     n_ptr,  # [1] int32
     M,
@@ -488,7 +498,7 @@ def _compensate_columns_wgrad_kernel(
         ms = m0 + tl.arange(0, BLOCK_M)
         a = tl.load(dy_ptr + ms.to(tl.int64)[None, :] * N + ns[:, None],
                     mask=(ns < N)[:, None] & (ms < M)[None, :], other=0.0)  # fmt: skip
-        b = tl.load(r_ptr + ms.to(tl.int64)[:, None] * K + ks[None, :],
+        b = tl.load(r_ptr + ms.to(tl.int64)[:, None] * stride_r + ks[None, :],
                     mask=(ms < M)[:, None] & take[None, :], other=0.0)  # fmt: skip
         acc = _dot(a, b, acc, UPCAST)
     idx = tl.load(order_ptr + ks, mask=take, other=0)
@@ -502,13 +512,13 @@ def _compensate_columns_wgrad(
     dw: torch.Tensor, dy: torch.Tensor, r_c: torch.Tensor, order: torch.Tensor, n: torch.Tensor
 ) -> None:
     m, nn = dy.shape
-    k = r_c.shape[1]
-    if m and nn:
+    width = r_c.shape[1]  # programs over R's columns: K, or n when compact
+    if m and nn and width:
         c = COLUMNS_WGRAD_CONFIG
-        grid = (cdiv(nn, c["BLOCK_N"]), cdiv(k, c["BLOCK_K"]))
+        grid = (cdiv(nn, c["BLOCK_N"]), cdiv(width, c["BLOCK_K"]))
         launch(
-            _compensate_columns_wgrad_kernel, grid, dw, dy, r_c, order, n, m, nn, k,
-            UPCAST=dy.device.type != "cuda", **c,
+            _compensate_columns_wgrad_kernel, grid, dw, dy, r_c, r_c.stride(0), order, n, m,
+            nn, dw.shape[1], UPCAST=dy.device.type != "cuda", **c,
         )  # fmt: skip
 
 
@@ -522,7 +532,8 @@ def occ_compensate_columns_wgrad(
 ) -> torch.Tensor:
     """Weight-gradient compensation over the outlier columns, in place on the float32 ``dw``
     [N, K]: ``dW[:, cols] += dYᵀ · R[:, cols]`` with cols = order[:n], dy [M, N] (cast to
-    bf16), ``r_c`` [M, K] from :func:`gather_columns`; float32 accumulation. Returns ``dw``."""
+    bf16), ``r_c`` [M, K] (or [M, n], compact) from :func:`gather_columns`; float32
+    accumulation. Returns ``dw``."""
     if dw.dtype != torch.float32 or not dw.is_contiguous():
         raise ValueError(f"dw must be a contiguous float32 tensor, got {dw.dtype} {dw.stride()}")
     _compensate_columns_wgrad(dw, dy.to(torch.bfloat16).contiguous(), r_c, order, n)
