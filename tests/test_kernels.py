@@ -200,18 +200,22 @@ def check_quantize_dy_both_operands(g):
     s_w = torch.rand(160, generator=g) + 0.01
     s_x = torch.rand(50, generator=g) * 3
     names = ("q_row", "s_row", "q_col_t", "s_col")
-    amax0 = dict(kq.AMAX_CONFIG)
+    amax0, tile0 = dict(kq.AMAX_CONFIG), dict(kq.TILE_CONFIG)
     try:
-        # the amax pass over several row blocks, column tiles and sub-blocks of this small dY
+        # the amax pass over several row blocks, column tiles and sub-blocks of this small dY;
+        # the tile pass over its row bands in either order
         kq.AMAX_CONFIG.update(BLOCK_M=32, BLOCK_K=64, SUB_M=8, SUB_K=32)
         for need_row, need_col in ((True, True), (True, False), (False, True)):
-            args = (dy, "e5m2", "e4m3", s_w, s_x, need_row, need_col)
-            got = kq.quantize_rowwise_and_colwise(*args)
-            want = ref.quantize_rowwise_and_colwise(*args)
-            for name, a, b in zip(names, got, want, strict=True):
-                assert_same_bits(a, b, f"dY {name} {need_row=} {need_col=}")
+            for reverse in (False, True):
+                kq.TILE_CONFIG.update(REVERSE_M=reverse)
+                args = (dy, "e5m2", "e4m3", s_w, s_x, need_row, need_col)
+                got = kq.quantize_rowwise_and_colwise(*args)
+                want = ref.quantize_rowwise_and_colwise(*args)
+                for name, a, b in zip(names, got, want, strict=True):
+                    assert_same_bits(a, b, f"dY {name} {need_row=} {need_col=} {reverse=}")
     finally:
         kq.AMAX_CONFIG.update(amax0)
+        kq.TILE_CONFIG.update(tile0)
 
 
 def _check_thresholds(g, granularity, **kw):
