@@ -8,9 +8,10 @@
 #       e4m3 by kernel
 #   bash benchmarks/occ8_session.sh --train  the 1.3B eager step (bf16, fp4-dge, fp4-paper,
 #       e4m3), then 125M for 300 steps: bf16, fp4-paper and its e4m3 variant, one seed
-#   bash benchmarks/occ8_session.sh --kernels  dY's launches by config (sweep_dy.py, the tile
-#       pass in either row order), the quantize kernels, the 1.3B step as one CUDA graph and
-#       the 1.3B saved-for-backward memory (session 14: OCC's R kept at its size)
+#   bash benchmarks/occ8_session.sh --kernels  GPU tests of R kept by its nonzeros and under
+#       graph capture (session 14), what keeping R compact costs (sweep_compact.py), the 1.3B
+#       eager step bf16 / fp4-paper, dY's launches by config (sweep_dy.py, the tile pass in
+#       either row order), the quantize kernels, the 1.3B step as one CUDA graph
 # Summaries under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -19,14 +20,16 @@ E8="fp4-paper[occ.compensation=e4m3]"
 COLS="fp4-paper[occ.compensation=columns]"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 if [[ " $* " == *" --kernels "* ]]; then
-  timeout 150 python3 benchmarks/sweep_dy.py 2>&1 | grep "^|" | tee "$OUT/sweep_dy.md"
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k \
+    "compact or stochastic or rejects or without_graph or dy" 2>&1 | tee "$OUT/gpu_tests_full.log" \
+    | grep -v "^tests\|^  \|^$\|Warn" | tail -15 | tee "$OUT/gpu_tests.txt"
+  timeout 80 python3 benchmarks/sweep_compact.py 2>&1 | grep "^|" | tee "$OUT/sweep_compact.md"
+  timeout 75 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp4-paper 2>&1 \
+    | grep "^|" | tee "$OUT/step.md"
+  timeout 120 python3 benchmarks/sweep_dy.py 2>&1 | grep "^|" | tee "$OUT/sweep_dy.md"
   timeout 60 python3 -m fp4train bench quant 2>&1 | grep "^|" | tee "$OUT/quant.md"
-  timeout 60 python3 -m fp4train bench quant --shapes 11008x4096 2>&1 | grep "^|" \
-    | tee "$OUT/quant_11008.md"
   timeout 100 python3 -m fp4train bench step --models 1.3b --cuda-graph --recipes bf16 fp4-dge \
     "$E8" 2>&1 | grep "^|" | tee "$OUT/step_graph.md"
-  timeout 100 python3 -m fp4train bench memory --models 1.3b --recipes bf16 fp4-dge fp4-paper \
-    "$E8" 2>&1 | grep "^|" | tee "$OUT/memory.md"
   exit 0
 fi
 if [[ " $* " == *" --train "* ]]; then

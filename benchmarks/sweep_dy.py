@@ -18,11 +18,9 @@ AMAX = [  # BLOCK_M, BLOCK_K, SUB_M, SUB_K, warps: the default first (session 12
     (128, 128, 32, 128, 4),  # (64|128|256) x (64|128|256) blocks, 16-64-row pieces, 4/8 warps)
     (64, 256, 32, 256, 4),
 ]
-TILE = [  # BLOCK_M, BLOCK_K, warps, REVERSE_M
-    (32, 128, 4, False),
-    (32, 128, 4, True),
-    (64, 64, 4, False),
-    (64, 64, 4, True),
+TILE = [  # BLOCK_M, BLOCK_K, warps
+    (32, 128, 4),
+    (64, 64, 4),
 ]
 
 
@@ -71,8 +69,7 @@ def sweep() -> list[dict]:
             for a, t in configs:
                 kq.TILE_CONFIG.clear()
                 if isinstance(t, tuple):
-                    kq.TILE_CONFIG.update(BLOCK_M=t[0], BLOCK_K=t[1], num_warps=t[2],
-                                          REVERSE_M=t[3])  # fmt: skip
+                    kq.TILE_CONFIG.update(BLOCK_M=t[0], BLOCK_K=t[1], num_warps=t[2])
                 else:
                     kq.TILE_CONFIG.update(tile0)
                 kq.AMAX_CONFIG.clear()
@@ -81,8 +78,7 @@ def sweep() -> list[dict]:
                 amax = "{}x{}/{}x{} w{}".format(*a)
                 tc = kq.TILE_CONFIG
                 row = dict(shape=f"{m}x{n}", amax=amax,
-                           tile=f"{tc['BLOCK_M']}x{tc['BLOCK_K']} w{tc['num_warps']}"
-                           + (" reversed" if tc["REVERSE_M"] else ""))  # fmt: skip
+                           tile=f"{tc['BLOCK_M']}x{tc['BLOCK_K']} w{tc['num_warps']}")  # fmt: skip
                 try:
                     got = kq.quantize_rowwise_and_colwise(dy0, "e5m2", "e5m2", s_w, s_x)
                     row["same_bits"] = all(

@@ -187,7 +187,7 @@ def check_compact_residual(device: str, gen: torch.Generator) -> None:
             idx = out[True][3][6]
             if recipe.act_save is None:
                 nz = full.reshape(-1).nonzero().reshape(-1)
-                if not torch.equal(idx, nz) or not torch.equal(lean, full.reshape(-1)[nz]):
+                if not torch.equal(idx.long(), nz) or not torch.equal(lean, full.reshape(-1)[nz]):
                     raise AssertionError(f"{name}: R's nonzeros differ from the dense R")
             if lean.ndim != 1 or lean.numel() >= full.numel() // 10:
                 raise AssertionError(f"{name}: kept {tuple(lean.shape)} of R {tuple(full.shape)}")

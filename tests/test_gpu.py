@@ -352,37 +352,55 @@ def test_occ_column_compensation_on_gpu(case, gen):
 @pytest.mark.parametrize("compensation", ["dense", "columns", "e4m3"])
 def test_occ_residual_compact_eagerly_full_under_graph_capture(compensation, gen):
     """Eagerly R is kept at its size (the host learns it through a queued copy); captured
-    in a CUDA graph, nothing syncs and R stays full width: the same bits either way."""
+    in a CUDA graph, nothing syncs and R stays full width: the same bits either way. Two
+    layers, so dX flows through the first; backward from a scalar made inside the capture
+    (``y.backward(dy)`` with dY from outside it fails: the legacy stream would wait on the
+    capture, torch 2.11)."""
     g, seed = gen
     if compensation == "dense":
         check_compact_residual("cuda", g)
+        v = torch.randn(1000, 700, device="cuda", generator=g).bfloat16()
+        v[torch.rand(1000, 700, device="cuda", generator=g) < 0.98] = 0
+        ends = kocc.count_nonzeros(v)
+        vals, idx = kocc.pack_nonzeros(v, ends, int(ends[-1]))
+        nz = v.reshape(-1).nonzero().reshape(-1)
+        assert torch.equal(idx.long(), nz), f"packed indices (seed {seed})"
+        assert_same_bits(kocc.unpack_nonzeros(vals, idx, v.shape), v, "unpacked R")
     recipe = Recipe.preset("fp4-paper").replace(**{"occ.compensation": compensation})
     torch.manual_seed(0)
-    layer = FP4Linear(512, 768, bias=False, device="cuda", recipe=recipe)
+    model = nn.Sequential(
+        FP4Linear(512, 768, bias=False, device="cuda", recipe=recipe),
+        FP4Linear(768, 512, bias=False, device="cuda", recipe=recipe),
+    )
     x = torch.randn(1024, 512, device="cuda", generator=g)
     x[:, :8] *= 25
     x[5, 100] = 5e4  # beyond E4M3's range of its row: one residual column for "e4m3"
-    x = x.bfloat16().requires_grad_()
-    dy = torch.randn(1024, 768, device="cuda", generator=g).bfloat16()
+    x = x.bfloat16()
+    dy = torch.randn(1024, 512, device="cuda", generator=g).bfloat16()
 
-    def step():
-        x.grad = layer.weight.grad = None
-        y = layer(x)
-        y.backward(dy)
+    def step():  # backward from a scalar: dY enters as the product's gradient, the same bits
+        for p in model.parameters():
+            p.grad = None
+        y = model(x)
+        (y.float() * dy.float()).sum().backward()
         return y
 
-    want = (step(), x.grad, layer.weight.grad)
+    want = (step(), *(p.grad for p in model.parameters()))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream().wait_stream(side)
+    for p in model.parameters():
+        p.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = step()
+        y = model(x)
+        (y.float() * dy.float()).sum().backward()
     graph.replay()
     torch.cuda.synchronize()
-    for what, a, b in zip(("y", "dx", "dw"), (y, x.grad, layer.weight.grad), want, strict=True):
+    got = (y, *(p.grad for p in model.parameters()))
+    for what, a, b in zip(("y", "dW1", "dW2"), got, want, strict=True):
         assert_same_bits(a, b, f"{compensation} {what}, graph vs eager (seed {seed})")
 
 

@@ -42,6 +42,7 @@ CHECKS = [
     "occ_column_compensation",
     "linear_matches_reference",
     "linear_keeps_residual_compact",
+    "pack_nonzeros",
     "linear_act_save_requantizes_w",
     "linear_passes_fast_accum",
     "compiled_model_matches_eager",
@@ -200,22 +201,18 @@ def check_quantize_dy_both_operands(g):
     s_w = torch.rand(160, generator=g) + 0.01
     s_x = torch.rand(50, generator=g) * 3
     names = ("q_row", "s_row", "q_col_t", "s_col")
-    amax0, tile0 = dict(kq.AMAX_CONFIG), dict(kq.TILE_CONFIG)
+    amax0 = dict(kq.AMAX_CONFIG)
     try:
-        # the amax pass over several row blocks, column tiles and sub-blocks of this small dY;
-        # the tile pass over its row bands in either order
+        # the amax pass over several row blocks, column tiles and sub-blocks of this small dY
         kq.AMAX_CONFIG.update(BLOCK_M=32, BLOCK_K=64, SUB_M=8, SUB_K=32)
         for need_row, need_col in ((True, True), (True, False), (False, True)):
-            for reverse in (False, True):
-                kq.TILE_CONFIG.update(REVERSE_M=reverse)
-                args = (dy, "e5m2", "e4m3", s_w, s_x, need_row, need_col)
-                got = kq.quantize_rowwise_and_colwise(*args)
-                want = ref.quantize_rowwise_and_colwise(*args)
-                for name, a, b in zip(names, got, want, strict=True):
-                    assert_same_bits(a, b, f"dY {name} {need_row=} {need_col=} {reverse=}")
+            args = (dy, "e5m2", "e4m3", s_w, s_x, need_row, need_col)
+            got = kq.quantize_rowwise_and_colwise(*args)
+            want = ref.quantize_rowwise_and_colwise(*args)
+            for name, a, b in zip(names, got, want, strict=True):
+                assert_same_bits(a, b, f"dY {name} {need_row=} {need_col=}")
     finally:
         kq.AMAX_CONFIG.update(amax0)
-        kq.TILE_CONFIG.update(tile0)
 
 
 def _check_thresholds(g, granularity, **kw):
@@ -442,6 +439,26 @@ def check_linear_matches_reference(g):
 
 def check_linear_keeps_residual_compact(g):
     check_compact_residual("cpu", g)
+
+
+def check_pack_nonzeros(g):
+    """R's nonzeros in flat order with their int32 indices, against torch's nonzero, and back
+    (blocks of 4096 elements: shapes across block boundaries, an empty R, no nonzeros)."""
+    from fp4train.kernels import occ as kocc
+
+    for shape in [(50, 64), (3, 5000), (0, 7), (9000, 3), (4, 4)]:
+        r = torch.randn(*shape, generator=g).bfloat16()
+        r[torch.rand(*shape, generator=g) < (0.97 if shape != (4, 4) else 1.0)] = 0
+        ends = kocc.count_nonzeros(r)
+        nz = r.reshape(-1).nonzero().reshape(-1)
+        nnz = int(ends[-1])
+        if nnz != nz.numel():
+            raise AssertionError(f"{shape}: counted {nnz} nonzeros, torch {nz.numel()}")
+        vals, idx = kocc.pack_nonzeros(r, ends, nnz)
+        if idx.dtype != torch.int32 or not torch.equal(idx.long(), nz):
+            raise AssertionError(f"{shape}: indices {idx[:8].tolist()} vs {nz[:8].tolist()}")
+        assert_same_bits(vals, r.reshape(-1)[nz], f"{shape}: values")
+        assert_same_bits(kocc.unpack_nonzeros(vals, idx, r.shape), r, f"{shape}: unpacked")
 
 
 def check_linear_passes_fast_accum(g):

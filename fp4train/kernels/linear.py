@@ -41,6 +41,7 @@ import torch
 from fp4train.kernels import traced
 from fp4train.kernels.dge import dge_weight_grad
 from fp4train.kernels.occ import (
+    count_nonzeros,
     gather_columns,
     occ_compensate,
     occ_compensate_columns,
@@ -49,6 +50,8 @@ from fp4train.kernels.occ import (
     occ_thresholds,
     order_columns,
     outlier_columns,
+    pack_nonzeros,
+    unpack_nonzeros,
 )
 from fp4train.kernels.quantize import custom_op, quantize_rows, quantize_rowwise_and_colwise
 from fp4train.recipe import Recipe
@@ -234,7 +237,7 @@ def linear_forward(
     x2d [M, K] (bf16 on the hot path), weight [N, K] (the float32 master). No bias.
 
     With OCC, eagerly, backward keeps R at its own size (``_compact_residual``): the dense
-    compensation's nonzeros (≈ 2(1 − α) of X's entries) as bf16 values and flat int64
+    compensation's nonzeros (≈ 2(1 − α) of X's entries) as bf16 values and int32 flat
     indices, the column compensations' [M, n] outlier columns. The sizes come to the host
     through a copy queued behind the kernel that counts them, read after the GEMMs are
     queued, so the GPU does not wait. Under torch.compile or CUDA-graph capture R is kept full
@@ -267,7 +270,8 @@ def linear_forward(
         count = _HostInt(n_cols) if compact else None
     elif comp == "dense" and compact:  # wgrad's R (act_save: in E4M3) kept by its nonzeros
         r_keep = resid if recipe.act_save is None else _e4m3_rows_bf16(resid)
-        count = _HostInt(torch.count_nonzero(r_keep))
+        ends = count_nonzeros(r_keep)
+        count = _HostInt(ends[-1:])
     keep_w = not _requantize_w(recipe)
     q_w, s_w, q_w_t, _ = _quantize_rows(
         weight, fw, store_q=True, store_qt=keep_w, stochastic=_stochastic(recipe, "fwd_w"),
@@ -278,9 +282,8 @@ def linear_forward(
     r = s_r = None
     if comp == "dense":
         y = occ_compensate(y, resid, weight)  # Y += R·Wᵀ, a bf16 GEMM, float32 accumulation
-        if compact:  # R's nonzeros (the GEMMs run meanwhile), no sync in nonzero_static
-            order = torch.nonzero_static(r_keep.view(-1), size=count.get()).view(-1)
-            r = r_keep.view(-1)[order]
+        if compact:  # R's nonzeros and their flat indices (the GEMMs run meanwhile)
+            r, order = pack_nonzeros(r_keep, ends, count.get())
         else:
             r = resid
     elif comp is not None:
@@ -346,9 +349,7 @@ def linear_backward(
             if s_r is not None:  # E4M3 R (act_save): dequantized in float32, then bf16
                 r = (r[:m].float() * s_r[:m, None]).to(torch.bfloat16)
             if r.ndim == 1:  # R's nonzeros at the flat positions ``order``: dense again
-                vals = r
-                r = torch.zeros(m, weight.shape[1], dtype=vals.dtype, device=vals.device)
-                r.view(-1)[order] = vals
+                r = unpack_nonzeros(r, order, (m, weight.shape[1]))
             if n_cols is not None:  # dW[:, cols] += dYᵀ·R[:, cols], the outlier columns only
                 if r.shape[1]:
                     dw = occ_compensate_columns_wgrad(dw, dy2d, r, order, n_cols)

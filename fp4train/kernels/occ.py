@@ -56,6 +56,9 @@ __all__ = [
     "gather_columns",
     "occ_compensate_columns",
     "occ_compensate_columns_wgrad",
+    "count_nonzeros",
+    "pack_nonzeros",
+    "unpack_nonzeros",
 ]
 
 _CHUNK = 4096  # elements per program of the histogram passes
@@ -208,6 +211,77 @@ def occ_compensate_wgrad(dw: torch.Tensor, dy: torch.Tensor, resid: torch.Tensor
     """Weight-gradient compensation ``dW += dYᵀ · R`` in place on the float32 ``dw`` [N, K];
     dy [M, N], ``resid`` [M, K] bf16. Returns ``dw``."""
     return dw.add_(dy.to(torch.bfloat16).t() @ resid)
+
+
+# ------------------------------------------------------------------------------ R's nonzeros
+# backward keeps the dense compensation's R by its nonzeros (≈ 2(1 − α) of X's entries) when
+# the host may learn their count: counts per block, their running sum (the total goes to the
+# host through a queued copy), then each block writes its nonzeros at its offset, in order
+NZ_CONFIG = dict(BLOCK=4096, num_warps=8)  # elements per program of count and pack
+
+
+@triton.jit
+def _count_nonzeros_kernel(r_ptr, n, counts_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(r_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(counts_ptr + tl.program_id(0), tl.sum((v != 0).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _pack_nonzeros_kernel(r_ptr, n, ends_ptr, vals_ptr, idx_ptr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(r_ptr + offs, mask=offs < n, other=0.0)
+    nz = v != 0
+    start = tl.load(ends_ptr + pid - 1, mask=pid > 0, other=0)  # int64
+    pos = start + (tl.cumsum(nz.to(tl.int32), axis=0) - 1).to(tl.int64)
+    tl.store(vals_ptr + pos, v, mask=nz)
+    tl.store(idx_ptr + pos, offs.to(idx_ptr.dtype.element_ty), mask=nz)
+
+
+@triton.jit
+def _unpack_nonzeros_kernel(vals_ptr, idx_ptr, nnz, r_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < nnz
+    i = tl.load(idx_ptr + offs, mask=live, other=0)
+    tl.store(r_ptr + i.to(tl.int64), tl.load(vals_ptr + offs, mask=live), mask=live)
+
+
+def count_nonzeros(r: torch.Tensor) -> torch.Tensor:
+    """The running count of ``r``'s nonzeros by blocks of its flat elements (int64, on the
+    device; the last entry is the total): what :func:`pack_nonzeros` needs. No sync."""
+    if not r.is_contiguous():
+        raise ValueError(f"r must be contiguous, got strides {r.stride()}")
+    n = r.numel()
+    nb = max(cdiv(n, NZ_CONFIG["BLOCK"]), 1)
+    counts = torch.zeros(nb, dtype=torch.int32, device=r.device)
+    if n:
+        launch(_count_nonzeros_kernel, (nb,), r, n, counts, **NZ_CONFIG)
+    return torch.cumsum(counts, 0)  # int64
+
+
+def pack_nonzeros(
+    r: torch.Tensor, ends: torch.Tensor, nnz: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r``'s nonzeros in flat order: (values [nnz] in r's dtype, flat indices [nnz], int32
+    when r has fewer than 2³¹ elements, else int64), given ``ends`` from
+    :func:`count_nonzeros` and the total ``nnz`` (its last entry, read by the host)."""
+    n = r.numel()
+    vals = torch.empty(nnz, dtype=r.dtype, device=r.device)
+    idx = torch.empty(nnz, dtype=torch.int32 if n < 2**31 else torch.int64, device=r.device)
+    if nnz:
+        launch(_pack_nonzeros_kernel, (ends.numel(),), r, n, ends, vals, idx, **NZ_CONFIG)
+    return vals, idx
+
+
+def unpack_nonzeros(vals: torch.Tensor, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The dense tensor of ``shape`` holding ``vals`` at the flat positions ``idx``, zeros
+    elsewhere (the inverse of :func:`pack_nonzeros`)."""
+    r = torch.zeros(shape, dtype=vals.dtype, device=vals.device)
+    if vals.numel():
+        launch(_unpack_nonzeros_kernel, (cdiv(vals.numel(), 4096),), vals, idx, vals.numel(), r,
+               BLOCK=4096, num_warps=8)  # fmt: skip
+    return r
 
 
 # ------------------------------------------------------------------------------ column compensation

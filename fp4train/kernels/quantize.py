@@ -377,12 +377,9 @@ def _quantize_tile_kernel(
     SR2: tl.constexpr,  # ... of the column-scaled operand
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    REVERSE_M: tl.constexpr,  # row bands last first: the amax pass's last reads may be in L2
 ):
     pid_k = tl.program_id(0)
     pid_m = tl.program_id(1)
-    if REVERSE_M:
-        pid_m = tl.num_programs(1) - 1 - pid_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     x, v = _load_operand(x_ptr, stride_xm, rows, cols, M, K, colmul_ptr, 0.0, 0.0, HAS_COLMUL,
@@ -616,9 +613,7 @@ def transpose_bytes(src: torch.Tensor, dst: torch.Tensor) -> None:
 # dY's amax pass (benchmarks/sweep_dy.py, H100, session 12: 0.037 ms at 8192 x 4096, a plain
 # read by torch 0.032; 0.080 ms at 8192 x 11008)
 AMAX_CONFIG = dict(BLOCK_M=128, BLOCK_K=128, SUB_M=32, SUB_K=128, num_warps=4)
-# REVERSE_M: the tile pass walks dY's row bands in the reverse of the amax pass's order, so
-# it starts on the bands that pass read last (up to the L2's size of them may still be there)
-TILE_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, REVERSE_M=False)
+TILE_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
 # row-only quantization (X, W): the persistent row-block kernel, PER_SM programs per SM, by
 # the input's element size (benchmarks/sweep_rowblock.py, H100: 64-row blocks and 16 warps are
 # 10% faster than the float32 choice on bf16 X, 22% slower on float32 W); with OCC's clamp
