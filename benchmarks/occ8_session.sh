@@ -8,6 +8,9 @@
 #       e4m3 by kernel
 #   bash benchmarks/occ8_session.sh --train  the 1.3B eager step (bf16, fp4-dge, fp4-paper,
 #       e4m3), then 125M for 300 steps: bf16, fp4-paper and its e4m3 variant, one seed
+#   bash benchmarks/occ8_session.sh --compact  all GPU tests, R by its nonzeros: the pieces by
+#       launch config (sweep_compact.py), the persistent column kernels in the layer benchmark,
+#       the 1.3B eager step with R compact and full width
 #   bash benchmarks/occ8_session.sh --kernels  GPU tests of R kept by its nonzeros and under
 #       graph capture (session 14), what keeping R compact costs (sweep_compact.py), the 1.3B
 #       eager step bf16 / fp4-paper, dY's launches by config (sweep_dy.py, the tile pass in
@@ -19,6 +22,19 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 E8="fp4-paper[occ.compensation=e4m3]"
 COLS="fp4-paper[occ.compensation=columns]"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+if [[ " $* " == *" --compact "* ]]; then
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 \
+    | tee "$OUT/gpu_tests_full.log" | grep -v "^tests\|^  \|^$\|Warn" | tail -15 \
+    | tee "$OUT/gpu_tests.txt"
+  timeout 80 python3 benchmarks/sweep_compact.py 2>&1 | grep "^|" | tee "$OUT/sweep_compact.md"
+  timeout 70 python3 -m fp4train bench linear --cuda-graph --shapes 4096x4096 8192x8192 \
+    --recipes fp4-dge "$E8" "$COLS+chan" 2>&1 | grep "^|" | tee "$OUT/bench_linear.md"
+  timeout 70 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp4-paper 2>&1 \
+    | grep "^|" | tee "$OUT/step.md"
+  FP4TRAIN_FULL_RESIDUAL=1 timeout 45 python3 -m fp4train bench step --models 1.3b \
+    --recipes fp4-paper 2>&1 | grep "^|" | tee "$OUT/step_full_residual.md"
+  exit 0
+fi
 if [[ " $* " == *" --kernels "* ]]; then
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k \
     "compact or stochastic or rejects or without_graph or dy" 2>&1 | tee "$OUT/gpu_tests_full.log" \

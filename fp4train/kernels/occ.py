@@ -39,6 +39,8 @@ any: then every one of these launches moves no data.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -211,6 +213,20 @@ def occ_compensate_wgrad(dw: torch.Tensor, dy: torch.Tensor, resid: torch.Tensor
     """Weight-gradient compensation ``dW += dYᵀ · R`` in place on the float32 ``dw`` [N, K];
     dy [M, N], ``resid`` [M, K] bf16. Returns ``dw``."""
     return dw.add_(dy.to(torch.bfloat16).t() @ resid)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(device: torch.device, tiles: int) -> int:
+    """Programs of a persistent launch over at most ``tiles`` tiles: four per multiprocessor
+    (on the CPU's interpreter three, so the tests walk several tiles a program)."""
+    if device.type != "cuda":
+        return max(1, min(tiles, 3))
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return max(1, min(tiles, 4 * _sm_count(index)))
 
 
 # ------------------------------------------------------------------------------ R's nonzeros
@@ -399,21 +415,26 @@ def _gather_columns_kernel(
     ZERO_REST: tl.constexpr,  # write zeros after the first n columns (else leave them)
     BEYOND: tl.constexpr,  # gather src − clamp(src, ±448·s): the part beyond E4M3's range
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # persistent: the programs walk the live tiles only (those of the first n columns, unless
+    # ZERO_REST), so n = 0 costs a launch of a few hundred programs that find no work
     n = tl.load(n_ptr)
-    take = (cols < n) & (cols < W)
-    idx = tl.load(order_ptr + cols, mask=take, other=0)
-    rmask = (rows < R)[:, None]
-    v = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_s + idx[None, :],
-                mask=rmask & take[None, :], other=0.0)  # fmt: skip
-    if BEYOND:  # the arithmetic of _round_and_store's OUT8 residual: the same bits
-        v = v.to(tl.float32)
-        t = tl.load(s_ptr + rows, mask=rows < R, other=1.0)[:, None] * _q.E4M3_MAX
-        v = v - tl.minimum(tl.maximum(v, -t), t)
-    write = (cols < W) if ZERO_REST else take
-    tl.store(dst_ptr + rows.to(tl.int64)[:, None] * W + cols[None, :],
-             _q._to_bf16_rne(v.to(tl.float32)), mask=rmask & write[None, :])  # fmt: skip
+    n_rt = tl.cdiv(R, BLOCK_R)
+    w_live = W if ZERO_REST else tl.minimum(n, W)
+    for tile in range(tl.program_id(0), n_rt * tl.cdiv(w_live, BLOCK_C), tl.num_programs(0)):
+        rows = (tile % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (tile // n_rt) * BLOCK_C + tl.arange(0, BLOCK_C)
+        take = (cols < n) & (cols < W)
+        idx = tl.load(order_ptr + cols, mask=take, other=0)
+        rmask = (rows < R)[:, None]
+        v = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_s + idx[None, :],
+                    mask=rmask & take[None, :], other=0.0)  # fmt: skip
+        if BEYOND:  # the arithmetic of _round_and_store's OUT8 residual: the same bits
+            v = v.to(tl.float32)
+            t = tl.load(s_ptr + rows, mask=rows < R, other=1.0)[:, None] * _q.E4M3_MAX
+            v = v - tl.minimum(tl.maximum(v, -t), t)
+        write = (cols < W) if ZERO_REST else take
+        tl.store(dst_ptr + rows.to(tl.int64)[:, None] * W + cols[None, :],
+                 _q._to_bf16_rne(v.to(tl.float32)), mask=rmask & write[None, :])  # fmt: skip
 
 
 @_q.custom_op("fp4train::gather_columns")
@@ -442,7 +463,7 @@ def gather_columns(
     if scale is not None and scale.numel() < r:
         raise ValueError(f"scale must hold at least {r} row scales, got {scale.numel()}")
     if r and w:
-        grid = (cdiv(r, 32), cdiv(w, 128))
+        grid = (_programs(src.device, cdiv(r, 32) * cdiv(w, 128)),)
         launch(
             _gather_columns_kernel, grid, src, src.stride(0), order, n, dst,
             scale if scale is not None else dst, r, w, BLOCK_R=32, BLOCK_C=128,
@@ -490,23 +511,27 @@ def _compensate_columns_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n = tl.minimum(tl.load(n_ptr), K)  # r and w hold the first n columns (K ≥ n)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, n, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(r_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :],
-                    mask=(rows < M)[:, None] & (ks < n)[None, :], other=0.0)  # fmt: skip
-        b = tl.load(w_ptr + cols.to(tl.int64)[None, :] * K + ks[:, None],
-                    mask=(ks < n)[:, None] & (cols < N)[None, :], other=0.0)  # fmt: skip
-        acc = _dot(a, b, acc, UPCAST)
-    # nothing to add when no column holds an outlier: no traffic (in place, y stays y)
-    m_live = tl.where(n > 0, M, 0)
-    m2 = (rows < m_live)[:, None] & (cols < N)[None, :]
-    y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=m2, other=0.0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :],
-             _q._to_bf16_rne(acc + y.to(tl.float32)), mask=m2)  # fmt: skip
+    n_mt = tl.cdiv(M, BLOCK_M)
+    # persistent over the output tiles; none when no column holds an outlier (no traffic: in
+    # place, y stays y)
+    live = tl.where(n > 0, n_mt * tl.cdiv(N, BLOCK_N), 0)
+    for tile in range(tl.program_id(0), live, tl.num_programs(0)):
+        rows = (tile % n_mt) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile // n_mt) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, n, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(r_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :],
+                        mask=(rows < M)[:, None] & (ks < n)[None, :], other=0.0)  # fmt: skip
+            b = tl.load(w_ptr + cols.to(tl.int64)[None, :] * K + ks[:, None],
+                        mask=(ks < n)[:, None] & (cols < N)[None, :], other=0.0)  # fmt: skip
+            acc = _dot(a, b, acc, UPCAST)
+        m2 = (rows < M)[:, None] & (cols < N)[None, :]
+        y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=m2,
+                    other=0.0)  # fmt: skip
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :],
+                 _q._to_bf16_rne(acc + y.to(tl.float32)), mask=m2)  # fmt: skip
 
 
 @_q.custom_op("fp4train::occ_compensate_columns_", mutates_args=("y",))
@@ -517,7 +542,7 @@ def _compensate_columns(
     k = r_c.shape[1]
     if m and nn:
         c = COLUMNS_FWD_CONFIG
-        grid = (cdiv(m, c["BLOCK_M"]), cdiv(nn, c["BLOCK_N"]))
+        grid = (_programs(y.device, cdiv(m, c["BLOCK_M"]) * cdiv(nn, c["BLOCK_N"])),)
         launch(
             _compensate_columns_kernel, grid, y, y.stride(0), r_c, w_c, n, y, m, nn, k,
             UPCAST=y.device.type != "cuda", **c,
@@ -561,24 +586,25 @@ def _compensate_columns_wgrad_kernel(
     BLOCK_M: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_lo = tl.program_id(1) * BLOCK_K
-    ks = k_lo + tl.arange(0, BLOCK_K)
-    n = tl.load(n_ptr)
-    take = ks < n
-    m_end = tl.where(k_lo < n, M, 0)  # programs past the outlier columns do nothing
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for m0 in range(0, m_end, BLOCK_M):
-        ms = m0 + tl.arange(0, BLOCK_M)
-        a = tl.load(dy_ptr + ms.to(tl.int64)[None, :] * N + ns[:, None],
-                    mask=(ns < N)[:, None] & (ms < M)[None, :], other=0.0)  # fmt: skip
-        b = tl.load(r_ptr + ms.to(tl.int64)[:, None] * stride_r + ks[None, :],
-                    mask=(ms < M)[:, None] & take[None, :], other=0.0)  # fmt: skip
-        acc = _dot(a, b, acc, UPCAST)
-    idx = tl.load(order_ptr + ks, mask=take, other=0)
-    m2 = (ns < N)[:, None] & take[None, :]
-    p = dw_ptr + ns.to(tl.int64)[:, None] * K + idx[None, :]
-    tl.store(p, tl.load(p, mask=m2, other=0.0) + acc, mask=m2)
+    n = tl.minimum(tl.load(n_ptr), K)
+    n_nt = tl.cdiv(N, BLOCK_N)
+    # persistent over the tiles of the first n columns only
+    for tile in range(tl.program_id(0), n_nt * tl.cdiv(n, BLOCK_K), tl.num_programs(0)):
+        ns = (tile % n_nt) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = (tile // n_nt) * BLOCK_K + tl.arange(0, BLOCK_K)
+        take = ks < n
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            ms = m0 + tl.arange(0, BLOCK_M)
+            a = tl.load(dy_ptr + ms.to(tl.int64)[None, :] * N + ns[:, None],
+                        mask=(ns < N)[:, None] & (ms < M)[None, :], other=0.0)  # fmt: skip
+            b = tl.load(r_ptr + ms.to(tl.int64)[:, None] * stride_r + ks[None, :],
+                        mask=(ms < M)[:, None] & take[None, :], other=0.0)  # fmt: skip
+            acc = _dot(a, b, acc, UPCAST)
+        idx = tl.load(order_ptr + ks, mask=take, other=0)
+        m2 = (ns < N)[:, None] & take[None, :]
+        p = dw_ptr + ns.to(tl.int64)[:, None] * K + idx[None, :]
+        tl.store(p, tl.load(p, mask=m2, other=0.0) + acc, mask=m2)
 
 
 @_q.custom_op("fp4train::occ_compensate_columns_wgrad", mutates_args=("dw",))
@@ -589,7 +615,7 @@ def _compensate_columns_wgrad(
     width = r_c.shape[1]  # programs over R's columns: K, or n when compact
     if m and nn and width:
         c = COLUMNS_WGRAD_CONFIG
-        grid = (cdiv(nn, c["BLOCK_N"]), cdiv(width, c["BLOCK_K"]))
+        grid = (_programs(dy.device, cdiv(nn, c["BLOCK_N"]) * cdiv(width, c["BLOCK_K"])),)
         launch(
             _compensate_columns_wgrad_kernel, grid, dw, dy, r_c, r_c.stride(0), order, n, m,
             nn, dw.shape[1], UPCAST=dy.device.type != "cuda", **c,
