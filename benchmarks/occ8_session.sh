@@ -29,6 +29,8 @@ if [[ " $* " == *" --compact "* ]]; then
   timeout 80 python3 benchmarks/sweep_compact.py 2>&1 | grep "^|" | tee "$OUT/sweep_compact.md"
   timeout 70 python3 -m fp4train bench linear --cuda-graph --shapes 4096x4096 8192x8192 \
     --recipes fp4-dge "$E8" "$COLS+chan" 2>&1 | grep "^|" | tee "$OUT/bench_linear.md"
+  timeout 45 python3 -m fp4train bench profile --recipes "$E8" 2>&1 | grep "^|\|^#" \
+    | tee "$OUT/profile.md"
   timeout 70 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp4-paper 2>&1 \
     | grep "^|" | tee "$OUT/step.md"
   FP4TRAIN_FULL_RESIDUAL=1 timeout 45 python3 -m fp4train bench step --models 1.3b \

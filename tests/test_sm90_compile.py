@@ -216,6 +216,20 @@ CASES = {
     "OCC column order K=16384": lambda: _order_columns_case(16384),
     "OCC column compensation": _compensate_case,
     "OCC column compensation wgrad": _compensate_wgrad_case,
+    "OCC columns beyond E4M3": lambda: (
+        kq._beyond_columns_kernel,
+        dict(
+            x_ptr="*bf16",
+            stride_xm="i32",
+            s_ptr="*fp32",
+            hit_ptr="*i32",
+            flags_ptr="*i32",
+            M="i32",
+            K="i32",
+        ),
+        dict(BLOCK_M=32, BLOCK_K=128),
+        4,
+    ),
     "OCC count nonzeros": lambda: (
         kocc._count_nonzeros_kernel,
         dict(r_ptr="*bf16", n="i32", counts_ptr="*i32"),

@@ -39,8 +39,6 @@ any: then every one of these launches moves no data.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -215,18 +213,9 @@ def occ_compensate_wgrad(dw: torch.Tensor, dy: torch.Tensor, resid: torch.Tensor
     return dw.add_(dy.to(torch.bfloat16).t() @ resid)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs(device: torch.device, tiles: int) -> int:
-    """Programs of a persistent launch over at most ``tiles`` tiles: four per multiprocessor
-    (on the CPU's interpreter three, so the tests walk several tiles a program)."""
-    if device.type != "cuda":
-        return max(1, min(tiles, 3))
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return max(1, min(tiles, 4 * _sm_count(index)))
+    """Programs of the persistent column kernels: four per multiprocessor."""
+    return _q.persistent_programs(tiles, 4, device)
 
 
 # ------------------------------------------------------------------------------ R's nonzeros

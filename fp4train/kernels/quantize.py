@@ -424,10 +424,10 @@ def _round_and_store(
     indexed by row · K + col when ``SR``) and store it row-major in q [Mp, K] and/or
     transposed in q_t [K, Mp]; with ``CLAMP``, the bf16 residual x − v in r [M, K]. With
     ``OUT8`` (and ``CLAMP``), each outlier (x != v) is stored as x / s on the E4M3 grid
-    (nearest even, saturating at 448) and r is a [K] int32 buffer of column flags, raised to 1
-    (atomic max) where x − clamp(x, −448·s, 448·s) is nonzero: ``occ.outliers_on_e4m3``'s
-    residual, which :func:`fp4train.kernels.occ.gather_columns` recomputes from x for the
-    flagged columns (almost never any: no dense residual is written)."""
+    (nearest even, saturating at 448) and r is one int32 flag, raised to 1 (atomic max) when
+    x − clamp(x, −448·s, 448·s) is nonzero anywhere in the tile: ``occ.outliers_on_e4m3``'s
+    residual (almost never any: no dense residual is written; ``_beyond_columns_kernel`` then
+    finds its columns)."""
     noise = None
     if SR:
         noise = tl.rand(seed, rows[:, None] * K + cols[None, :])
@@ -453,12 +453,39 @@ def _round_and_store(
                  q.to(qt_ptr.dtype.element_ty), mask=omask)  # fmt: skip
     if CLAMP:
         rmask = (rows < M)[:, None] & (cols < K)[None, :]
-        if OUT8:
-            nz = tl.max(((resid != 0) & rmask).to(tl.int32), axis=0)
-            tl.atomic_max(r_ptr + cols, nz, mask=(cols < K) & (nz > 0))
+        if OUT8:  # one flag for the tile (a per-column reduction and atomics cost more)
+            hit = tl.max(tl.max(((resid != 0) & rmask).to(tl.int32), axis=1), axis=0)
+            tl.atomic_max(r_ptr, hit, mask=hit > 0)
         else:
             tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
                      _to_bf16_rne(resid), mask=rmask)  # fmt: skip
+
+
+@triton.jit
+def _beyond_columns_kernel(
+    x_ptr,  # [M, K], unit stride along K
+    stride_xm,
+    s_ptr,  # [≥ M] float32 row scales of the clamped X
+    hit_ptr,  # [1] int32: the row kernel's flag (OUT8)
+    flags_ptr,  # [K] int32 column flags, raised to 1 where x − clamp(x, ±448·s) is nonzero
+    M,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The columns of X holding a part beyond E4M3's range, only when the row kernel raised
+    its flag (persistent: otherwise every program finds no tile to walk)."""
+    n_kt = tl.cdiv(K, BLOCK_K)
+    live = tl.where(tl.load(hit_ptr) > 0, tl.cdiv(M, BLOCK_M) * n_kt, 0)
+    for tile in range(tl.program_id(0), live, tl.num_programs(0)):
+        rows = (tile // n_kt) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile % n_kt) * BLOCK_K + tl.arange(0, BLOCK_K)
+        m2 = (rows < M)[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=m2,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        t = tl.load(s_ptr + rows, mask=rows < M, other=1.0)[:, None] * E4M3_MAX
+        nz = tl.max(((x - tl.minimum(tl.maximum(x, -t), t) != 0) & m2).to(tl.int32), axis=0)
+        tl.atomic_max(flags_ptr + cols, nz, mask=(cols < K) & (nz > 0))
 
 
 @triton.jit
@@ -657,10 +684,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _rowblock_programs(n_blocks: int, per_sm: int, device: torch.device) -> int:
-    if device.type != "cuda":  # the interpreter: two programs, so each walks several blocks
-        return min(n_blocks, 2)
-    return max(1, min(n_blocks, per_sm * _sm_count(device)))
+def persistent_programs(n_tiles: int, per_sm: int, device: torch.device) -> int:
+    """Programs of a persistent launch over ``n_tiles`` tiles: ``per_sm`` per multiprocessor
+    (the interpreter: two, so each walks several tiles)."""
+    if device.type != "cuda":
+        return max(1, min(n_tiles, 2))
+    return max(1, min(n_tiles, per_sm * _sm_count(device)))
 
 
 def _check_2d(x: torch.Tensor, name: str) -> None:
@@ -739,8 +768,9 @@ def _quantize(
     q_t = empty_output((k, mp) if rows and store_qt else (0,), fp8, dev)
     if not cols:  # X, W (and dY's row operand alone): one launch
         s_row = empty_output(mp if row_fmt is not None else 0, torch.float32, dev)
-        if out8:  # column flags of the part beyond E4M3's range, raised by atomics
+        if out8:  # column flags of the part beyond E4M3's range; the row kernel's one flag
             resid = torch.zeros(k, dtype=torch.int32, device=dev)
+            hit = torch.zeros(1, dtype=torch.int32, device=dev)
         else:
             resid = empty_output((m, k) if clamp else (0,), torch.bfloat16, dev)
         # absent optional inputs: any float32 pointer (the kernel's constexprs skip them)
@@ -753,7 +783,8 @@ def _quantize(
             q_rows = q if rows and store_q else empty_output((mp, k), fp8, dev)
             launch(
                 _quantize_rows_resident_kernel, (cdiv(mp, block_m),), x, x.stride(0),
-                colmul, lo_, hi_, s_row, q_rows, resid if clamp else q_rows, m, mp, k, seed,
+                colmul, lo_, hi_, s_row, q_rows, (hit if out8 else resid) if clamp else q_rows,
+                m, mp, k, seed,
                 HAS_COLMUL=col_scale is not None, CLAMP=clamp, CLAMP_PER_ROW=per_row,
                 **format_constants(row_fmt), SR=sr_row, BLOCK_M=block_m, BLOCK_K=block_k,
                 CHUNKS=chunks, OUT8=out8, num_warps=8,
@@ -762,15 +793,20 @@ def _quantize(
                 transpose_bytes(q_rows, q_t)
         else:
             cfg = rowblock_config(x.element_size(), clamp)
-            progs = _rowblock_programs(cdiv(mp, cfg["BLOCK_M"]), cfg.pop("PER_SM"), dev)
+            progs = persistent_programs(cdiv(mp, cfg["BLOCK_M"]), cfg.pop("PER_SM"), dev)
             launch(
                 _quantize_rowblock_kernel, (progs,), x, x.stride(0), colmul, lo_, hi_, s_row,
                 q if rows and store_q else q_t, q_t if rows and store_qt else q,
-                resid if clamp else q, m, mp, k, seed, HAS_COLMUL=col_scale is not None,
+                (hit if out8 else resid) if clamp else q, m, mp, k, seed,
+                HAS_COLMUL=col_scale is not None,
                 CLAMP=clamp, CLAMP_PER_ROW=per_row, STORE_Q=rows and store_q,
                 STORE_QT=rows and store_qt, **format_constants(row_fmt), SR=rows and sr_row,
                 OUT8=out8, **cfg,
             )  # fmt: skip
+        if out8 and m and k:  # the flagged tiles' columns (no work when none was flagged)
+            progs = persistent_programs(cdiv(m, 32) * cdiv(k, 128), 4, dev)
+            launch(_beyond_columns_kernel, (progs,), x, x.stride(0), s_row, hit, resid, m, k,
+                   BLOCK_M=32, BLOCK_K=128, num_warps=4)  # fmt: skip
         # outputs never alias one another (a custom-op rule)
         return q, s_row, q_t, None, None, resid
     c1 = format_constants(row_fmt) if row_fmt is not None else format_constants("e4m3")
