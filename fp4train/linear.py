@@ -220,7 +220,8 @@ class _FP4LinearFn(torch.autograd.Function):
         if use_triton:
             from fp4train import kernels
 
-            y, saved = kernels.linear_forward(x2d, weight, recipe)
+            # OCC's residual serves only the weight gradient: none kept when W needs none
+            y, saved = kernels.linear_forward(x2d, weight, recipe, ctx.needs_input_grad[1])
         else:
             y, saved = reference_forward(x2d, weight, recipe)
         ctx.recipe, ctx.use_triton, ctx.x_dtype = recipe, use_triton, x2d.dtype

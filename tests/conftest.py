@@ -182,6 +182,14 @@ def check_compact_residual(device: str, gen: torch.Generator) -> None:
             out[compact] = (y, *grads, saved)
         for i, what in enumerate(("y", "dx", "dw")):
             assert_same_bits(out[True][i], out[False][i], f"{name}: {what}")
+        # no weight gradient wanted (inference, a frozen W): no R kept, the same y and dX
+        y, saved = kernels.linear_forward(xin, w, recipe, need_residual=False)
+        if any(t is not None for t in saved[4:]):
+            raise AssertionError(f"{name}: R kept though no weight gradient is wanted")
+        assert_same_bits(y, out[True][0], f"{name}: y without R kept")
+        dx, dw = kernels.linear_backward(saved, dy, w, recipe, True, False)
+        assert dw is None
+        assert_same_bits(dx, out[True][1], f"{name}: dx without R kept")
         full, lean = out[False][3][4], out[True][3][4]  # R as kept
         if recipe.occ.compensation == "dense":
             idx = out[True][3][6]

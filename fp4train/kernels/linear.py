@@ -230,11 +230,13 @@ def _e4m3_rows_bf16(r: torch.Tensor) -> torch.Tensor:
 
 
 def linear_forward(
-    x2d: torch.Tensor, weight: torch.Tensor, recipe: Recipe
+    x2d: torch.Tensor, weight: torch.Tensor, recipe: Recipe, need_residual: bool = True
 ) -> tuple[torch.Tensor, tuple]:
     """Y = X Wᵀ per ``recipe``: returns (y [M, N] bf16, tensors for :func:`linear_backward`).
 
     x2d [M, K] (bf16 on the hot path), weight [N, K] (the float32 master). No bias.
+    ``need_residual=False`` (no weight gradient will be asked for: inference, a frozen
+    weight) keeps no OCC residual for backward and never waits for its size.
 
     With OCC, eagerly, backward keeps R at its own size (``_compact_residual``): the dense
     compensation's nonzeros (≈ 2(1 − α) of X's entries) as bf16 values and int32 flat
@@ -260,7 +262,7 @@ def linear_forward(
         x2d, fx, lo=lo, hi=hi, store_q=True, store_qt=True,
         stochastic=_stochastic(recipe, "fwd_x"), seed=seed, outliers_e4m3=comp == "e4m3",
     )  # fmt: skip
-    compact = comp is not None and _compact_residual()
+    compact = comp is not None and need_residual and _compact_residual()
     order = n_cols = count = r_keep = None
     if comp == "e4m3":  # resid: flags of the columns beyond E4M3's range
         order, n_cols = order_columns(resid)
@@ -284,7 +286,7 @@ def linear_forward(
         y = occ_compensate(y, resid, weight)  # Y += R·Wᵀ, a bf16 GEMM, float32 accumulation
         if compact:  # R's nonzeros and their flat indices (the GEMMs run meanwhile)
             r, order = pack_nonzeros(r_keep, ends, count.get())
-        else:
+        elif need_residual:
             r = resid
     elif comp is not None:
         # the columns to pack: R's, or X's part beyond E4M3's range (recomputed from x and s)
@@ -294,6 +296,8 @@ def linear_forward(
         r = gather_columns(src, order, n_cols, zero_rest=zero_rest, scale=scale, width=width)
         if r.shape[1]:
             y = occ_compensate_columns(y, r, weight, order, n_cols)
+        if not need_residual:
+            r = order = n_cols = None
     if r is not None and recipe.act_save == "e4m3" and r.ndim == 2 and r.shape[1]:
         r, s_r, _, _ = _quantize_rows(r, "e4m3", store_q=True)  # wgrad's R in FP8, row scales
     if not keep_w:
