@@ -385,7 +385,9 @@ def test_occ_residual_compact_eagerly_full_under_graph_capture(compensation, gen
         (y.float() * dy.float()).sum().backward()
         return y
 
-    want = (step(), *(p.grad for p in model.parameters()))
+    # detached: a live graph from this eager step would keep the weights' AccumulateGrad
+    # nodes, made on the legacy stream, into the capture (which then fails)
+    want = tuple(t.detach() for t in (step(), *(p.grad for p in model.parameters())))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
