@@ -220,8 +220,13 @@ class _FP4LinearFn(torch.autograd.Function):
         if use_triton:
             from fp4train import kernels
 
-            # OCC's residual serves only the weight gradient: none kept when W needs none
-            y, saved = kernels.linear_forward(x2d, weight, recipe, ctx.needs_input_grad[1])
+            # OCC's residual serves only the weight gradient: none kept when W needs none; a
+            # dense R is packed to its nonzeros later, without waiting (ctx.deferred)
+            deferred = []
+            y, saved = kernels.linear_forward(
+                x2d, weight, recipe, ctx.needs_input_grad[1], deferred
+            )
+            ctx.deferred = deferred[0] if deferred else None
         else:
             y, saved = reference_forward(x2d, weight, recipe)
         ctx.recipe, ctx.use_triton, ctx.x_dtype = recipe, use_triton, x2d.dtype
@@ -238,7 +243,7 @@ class _FP4LinearFn(torch.autograd.Function):
             from fp4train import kernels
 
             dx, dw = kernels.linear_backward(
-                tuple(saved), dy2d, weight, ctx.recipe, need_dx, need_dw
+                tuple(saved), dy2d, weight, ctx.recipe, need_dx, need_dw, ctx.deferred
             )
         else:
             dx, dw = reference_backward(tuple(saved), dy2d, weight, ctx.recipe, need_dx, need_dw)

@@ -182,6 +182,17 @@ def check_compact_residual(device: str, gen: torch.Generator) -> None:
             out[compact] = (y, *grads, saved)
         for i, what in enumerate(("y", "dx", "dw")):
             assert_same_bits(out[True][i], out[False][i], f"{name}: {what}")
+        if recipe.occ.compensation == "dense":  # packed later, as FP4Linear does
+            held = []
+            y, saved = kernels.linear_forward(xin, w, recipe, deferred=held)
+            if saved[4] is not None or len(held) != 1 or held[0].r is None:
+                raise AssertionError(f"{name}: R not deferred")
+            kernels.linear_forward(xin, w, recipe)  # the next layer's forward packs it
+            if held[0].r is not None or held[0].vals is None:
+                raise AssertionError(f"{name}: the next forward did not pack the deferred R")
+            grads = kernels.linear_backward(saved, dy, w, recipe, True, True, held[0])
+            for what, a, b in zip(("y", "dx", "dw"), (y, *grads), out[True], strict=False):
+                assert_same_bits(a, b, f"{name}: {what}, R packed later")
         # no weight gradient wanted (inference, a frozen W): no R kept, the same y and dX
         y, saved = kernels.linear_forward(xin, w, recipe, need_residual=False)
         if any(t is not None for t in saved[4:]):

@@ -71,6 +71,38 @@ def interpreted():
     return results
 
 
+def test_deferred_residuals_pack_when_counted_or_too_many(monkeypatch):
+    """pack_pending packs the deferred residuals whose count has arrived, and the oldest
+    beyond MAX_PENDING even if theirs has not; with wait=True all of them."""
+    pytest.importorskip("triton")
+    from fp4train.kernels import linear as klin
+
+    class Count:
+        def __init__(self, ready):
+            self._ready = ready
+
+        def ready(self):
+            return self._ready
+
+    class Held:
+        def __init__(self, ready):
+            self.count, self.packed = Count(ready), False
+
+        def pack(self):
+            self.packed, self.count = True, None
+
+    n_old = 3  # beyond MAX_PENDING: packed though not counted yet
+    late = [Held(False) for _ in range(klin.MAX_PENDING + n_old - 1)]
+    pending = [*late[:n_old], Held(True), *late[n_old:]]
+    monkeypatch.setattr(klin, "_pending", list(pending))
+    klin.pack_pending()
+    want = [True] * n_old + [True] + [False] * (len(pending) - n_old - 1)
+    assert [h.packed for h in pending] == want
+    assert klin._pending == [h for h in pending if not h.packed]
+    klin.pack_pending(wait=True)
+    assert all(h.packed for h in pending) and klin._pending == []
+
+
 @pytest.mark.parametrize("name", CHECKS)
 def test_interpreted(interpreted, name):
     ok, msg = interpreted[name]

@@ -3,8 +3,10 @@
 FP4Linear's triton backend calls three functions from here:
 
 - :func:`check_supported` ``(recipe, in_features, out_features) -> str | None``
-- :func:`linear_forward` ``(x2d, weight, recipe) -> (y2d bf16, saved)``
-- :func:`linear_backward` ``(saved, dy2d, weight, recipe, need_dx, need_dw) -> (dx, dw)``
+- :func:`linear_forward` ``(x2d, weight, recipe, need_residual=True, deferred=None) ->
+  (y2d bf16, saved)``
+- :func:`linear_backward` ``(saved, dy2d, weight, recipe, need_dx, need_dw, deferred=None)
+  -> (dx, dw)``
 
 and the kernels behind them are public too, each a ``torch.library`` custom op with a
 plain-PyTorch twin of the same name in :mod:`fp4train.kernels.reference`:

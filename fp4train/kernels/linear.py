@@ -35,6 +35,7 @@ master weight again (the same bits; one more read of W).
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -56,7 +57,14 @@ from fp4train.kernels.occ import (
 from fp4train.kernels.quantize import custom_op, quantize_rows, quantize_rowwise_and_colwise
 from fp4train.recipe import Recipe
 
-__all__ = ["check_supported", "linear_forward", "linear_backward", "scaled_mm_rowwise"]
+__all__ = [
+    "check_supported",
+    "linear_forward",
+    "linear_backward",
+    "scaled_mm_rowwise",
+    "DeferredNonzeros",
+    "pack_pending",
+]
 
 _FWD_FORMATS = ("e2m1", "e4m3")
 _GRAD_FORMATS = ("e4m3", "e5m2")
@@ -200,10 +208,48 @@ class _HostInt:
         else:
             self._buf = t
 
+    def ready(self) -> bool:
+        """Whether :meth:`get` would return without waiting."""
+        return self._event is None or self._event.query()
+
     def get(self) -> int:
         if self._event is not None:
             self._event.synchronize()
         return int(self._buf.reshape(-1)[0])
+
+
+class DeferredNonzeros:
+    """The dense compensation's R for backward, packed to its nonzeros once the host has their
+    count, which it does not wait for: the next FP4Linear forward (or this layer's backward)
+    packs it, by when the count has long arrived. Until then R is held dense. FP4Linear keeps
+    it on its autograd context (outside ``save_for_backward``: saved-tensor hooks do not see
+    it)."""
+
+    def __init__(self, r: torch.Tensor, ends: torch.Tensor, count: _HostInt) -> None:
+        self.r, self.ends, self.count = r, ends, count
+        self.vals = self.idx = None
+
+    def pack(self) -> None:
+        if self.r is not None:
+            self.vals, self.idx = pack_nonzeros(self.r, self.ends, self.count.get())
+            self.r = self.ends = self.count = None
+
+
+_pending: list[DeferredNonzeros] = []
+_pending_lock = threading.Lock()
+MAX_PENDING = 4  # beyond this many dense Rs the oldest is packed, waiting if need be
+
+
+def pack_pending(wait: bool = False) -> None:
+    """Pack the deferred residuals whose count has arrived (all of them with ``wait``)."""
+    with _pending_lock:
+        keep = []
+        for i, h in enumerate(_pending):
+            if wait or h.count is None or h.count.ready() or len(_pending) - i > MAX_PENDING:
+                h.pack()
+            else:
+                keep.append(h)
+        _pending[:] = keep
 
 
 # Keep OCC's residual for backward at its size (see _compact_residual); False (or the
@@ -230,13 +276,20 @@ def _e4m3_rows_bf16(r: torch.Tensor) -> torch.Tensor:
 
 
 def linear_forward(
-    x2d: torch.Tensor, weight: torch.Tensor, recipe: Recipe, need_residual: bool = True
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    recipe: Recipe,
+    need_residual: bool = True,
+    deferred: list | None = None,
 ) -> tuple[torch.Tensor, tuple]:
     """Y = X Wᵀ per ``recipe``: returns (y [M, N] bf16, tensors for :func:`linear_backward`).
 
     x2d [M, K] (bf16 on the hot path), weight [N, K] (the float32 master). No bias.
     ``need_residual=False`` (no weight gradient will be asked for: inference, a frozen
-    weight) keeps no OCC residual for backward and never waits for its size.
+    weight) keeps no OCC residual for backward and never waits for its size. ``deferred``
+    (a list; FP4Linear's): the dense compensation's R is not packed here but appended to it
+    as a :class:`DeferredNonzeros` (saved[4] and saved[6] None), so nothing waits;
+    :func:`linear_backward` takes it back through its ``deferred`` argument.
 
     With OCC, eagerly, backward keeps R at its own size (``_compact_residual``): the dense
     compensation's nonzeros (≈ 2(1 − α) of X's entries) as bf16 values and int32 flat
@@ -246,6 +299,8 @@ def linear_forward(
     width ([M, K] bf16: more memory than a bf16 layer's saved X), as nothing may sync there.
     """
     _check(recipe, x2d, weight)
+    if _pending and not torch.compiler.is_compiling():
+        pack_pending()  # earlier layers' residuals whose counts have arrived
     x2d = x2d.contiguous()
     m = x2d.shape[0]
     fx, fw = recipe.fwd_x.format, recipe.fwd_w.format
@@ -284,7 +339,12 @@ def linear_forward(
     r = s_r = None
     if comp == "dense":
         y = occ_compensate(y, resid, weight)  # Y += R·Wᵀ, a bf16 GEMM, float32 accumulation
-        if compact:  # R's nonzeros and their flat indices (the GEMMs run meanwhile)
+        if compact and deferred is not None:  # packed later, when its count has arrived
+            held = DeferredNonzeros(r_keep, ends, count)
+            deferred.append(held)
+            with _pending_lock:
+                _pending.append(held)
+        elif compact:  # R's nonzeros and their flat indices (the GEMMs run meanwhile)
             r, order = pack_nonzeros(r_keep, ends, count.get())
         elif need_residual:
             r = resid
@@ -318,9 +378,17 @@ def linear_backward(
     recipe: Recipe,
     need_dx: bool,
     need_dw: bool,
+    deferred: DeferredNonzeros | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """dgrad and wgrad from :func:`linear_forward`'s ``saved``: (dx [M, K] bf16, dw [N, K] f32)."""
+    """dgrad and wgrad from :func:`linear_forward`'s ``saved``: (dx [M, K] bf16, dw [N, K] f32).
+    ``deferred``: the residual :func:`linear_forward` appended to its ``deferred`` list."""
     q_x_t, s_x, q_w_t, s_w, r, s_r, order, n_cols = saved
+    if deferred is not None:
+        with _pending_lock:
+            if deferred in _pending:
+                _pending.remove(deferred)
+        deferred.pack()
+        r, order = deferred.vals, deferred.idx
     dy2d = dy2d.contiguous()
     m = dy2d.shape[0]
     dx = dw = None
