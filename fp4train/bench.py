@@ -548,6 +548,8 @@ def saved_activations(
             autocast = torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
                 loss = model(idx[:, :-1], idx[:, 1:])
+            for t in _deferred_residuals(loss):  # held on FP4Linear's context, not saved
+                pack(t)
             del loss
             total = sum(by_dtype.values())
             rows.append(
@@ -565,6 +567,28 @@ def saved_activations(
     keys = sorted({k for r in rows for k in r if k.endswith("_gib") and k != "saved_gib"})
     first = ("model", "recipe", "saved_gib", "kib_per_token_layer")
     return [{**{k: r[k] for k in first}, **{k: r.get(k, 0.0) for k in keys}} for r in rows]
+
+
+def _deferred_residuals(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The OCC residuals FP4Linear holds for backward outside ``save_for_backward`` (dense R
+    packed to its nonzeros later: ``fp4train.kernels.linear.DeferredNonzeros``), packed now."""
+    try:
+        from fp4train.kernels import linear as klin
+    except ImportError:  # no triton: nothing deferred
+        return []
+    klin.pack_pending(wait=True)
+    out, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        held = getattr(node, "deferred", None)
+        if held is not None:
+            held.pack()
+            out += [held.vals, held.idx]
+        stack += [f for f, _ in node.next_functions]
+    return out
 
 
 def _bench_model(model_name: str, spec: str, dev: torch.device):

@@ -43,6 +43,7 @@ CHECKS = [
     "linear_matches_reference",
     "linear_keeps_residual_compact",
     "pack_nonzeros",
+    "deferred_residuals_reach_bench_memory",
     "linear_act_save_requantizes_w",
     "linear_passes_fast_accum",
     "compiled_model_matches_eager",
@@ -491,6 +492,34 @@ def check_pack_nonzeros(g):
             raise AssertionError(f"{shape}: indices {idx[:8].tolist()} vs {nz[:8].tolist()}")
         assert_same_bits(vals, r.reshape(-1)[nz], f"{shape}: values")
         assert_same_bits(kocc.unpack_nonzeros(vals, idx, r.shape), r, f"{shape}: unpacked")
+
+
+def check_deferred_residuals_reach_bench_memory(g):
+    """FP4Linear (triton path) holds the dense compensation's R outside save_for_backward;
+    ``bench memory`` finds every layer's from the loss, and backward still works after."""
+    import torch.nn as nn
+
+    import fp4train.linear as lin
+    from fp4train.bench import _deferred_residuals
+    from fp4train.linear import FP4Linear
+
+    use_triton = lin._use_triton
+    lin._use_triton = lambda x, layer: True  # CPU tensors: the interpreter runs the kernels
+    try:
+        model = nn.Sequential(FP4Linear(64, 96, bias=False), FP4Linear(96, 64, bias=False))
+        x = torch.randn(40, 64, generator=g)
+        x[:, :2] *= 20
+        loss = model(x.bfloat16()).float().square().sum()
+        held = _deferred_residuals(loss)
+        if len(held) != 4 or any(v.ndim != 1 for v in held[::2]):
+            raise AssertionError(f"found {[tuple(t.shape) for t in held]}, want 2 layers' R")
+        if any(i.dtype != torch.int32 or i.numel() != v.numel() for v, i in
+               zip(held[::2], held[1::2], strict=True)):  # fmt: skip
+            raise AssertionError("values and int32 indices of equal length expected")
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        lin._use_triton = use_triton
 
 
 def check_linear_passes_fast_accum(g):
