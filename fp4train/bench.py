@@ -570,8 +570,8 @@ def saved_activations(
 
 
 def _deferred_residuals(loss: torch.Tensor) -> list[torch.Tensor]:
-    """The OCC residuals FP4Linear holds for backward outside ``save_for_backward`` (dense R
-    packed to its nonzeros later: ``fp4train.kernels.linear.DeferredNonzeros``), packed now."""
+    """The OCC residuals FP4Linear holds for backward outside ``save_for_backward`` (cut to
+    their size later: ``fp4train.kernels.linear.DeferredResidual``), packed now."""
     try:
         from fp4train.kernels import linear as klin
     except ImportError:  # no triton: nothing deferred
@@ -586,7 +586,7 @@ def _deferred_residuals(loss: torch.Tensor) -> list[torch.Tensor]:
         held = getattr(node, "deferred", None)
         if held is not None:
             held.pack()
-            out += [held.vals, held.idx]
+            out += [t for t in (held.packed, held.idx) if t is not None]
         stack += [f for f, _ in node.next_functions]
     return out
 

@@ -182,14 +182,18 @@ def check_compact_residual(device: str, gen: torch.Generator) -> None:
             out[compact] = (y, *grads, saved)
         for i, what in enumerate(("y", "dx", "dw")):
             assert_same_bits(out[True][i], out[False][i], f"{name}: {what}")
-        if recipe.occ.compensation == "dense":  # packed later, as FP4Linear does
-            held = []
+        if recipe.act_save is None or recipe.occ.compensation == "dense":
+            held = []  # R cut to its size later, as FP4Linear does
             y, saved = kernels.linear_forward(xin, w, recipe, deferred=held)
             if saved[4] is not None or len(held) != 1 or held[0].r is None:
                 raise AssertionError(f"{name}: R not deferred")
             kernels.linear_forward(xin, w, recipe)  # the next layer's forward packs it
-            if held[0].r is not None or held[0].vals is None:
+            if held[0].r is not None or held[0].packed is None:
                 raise AssertionError(f"{name}: the next forward did not pack the deferred R")
+            now = out[True][3][4]  # R as the immediate path keeps it
+            if held[0].packed.shape != now.shape:
+                raise AssertionError(f"{name}: deferred R {tuple(held[0].packed.shape)}, "
+                                     f"immediate {tuple(now.shape)}")  # fmt: skip
             grads = kernels.linear_backward(saved, dy, w, recipe, True, True, held[0])
             for what, a, b in zip(("y", "dx", "dw"), (y, *grads), out[True], strict=False):
                 assert_same_bits(a, b, f"{name}: {what}, R packed later")

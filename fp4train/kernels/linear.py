@@ -62,7 +62,7 @@ __all__ = [
     "linear_forward",
     "linear_backward",
     "scaled_mm_rowwise",
-    "DeferredNonzeros",
+    "DeferredResidual",
     "pack_pending",
 ]
 
@@ -218,26 +218,32 @@ class _HostInt:
         return int(self._buf.reshape(-1)[0])
 
 
-class DeferredNonzeros:
-    """The dense compensation's R for backward, packed to its nonzeros once the host has their
-    count, which it does not wait for: the next FP4Linear forward (or this layer's backward)
-    packs it, by when the count has long arrived. Until then R is held dense. FP4Linear keeps
-    it on its autograd context (outside ``save_for_backward``: saved-tensor hooks do not see
-    it)."""
+class DeferredResidual:
+    """OCC's R for backward, cut to its size once the host has that size, which it does not
+    wait for: the next FP4Linear forward (or this layer's backward) packs it, by when the
+    count has long arrived. Until then R is held full width. The dense compensation's R
+    (``ends`` given) becomes its nonzeros and their int32 flat indices; a column
+    compensation's [M, K] buffer its first n columns. FP4Linear keeps it on its autograd
+    context (outside ``save_for_backward``: saved-tensor hooks do not see it)."""
 
-    def __init__(self, r: torch.Tensor, ends: torch.Tensor, count: _HostInt) -> None:
-        self.r, self.ends, self.count = r, ends, count
-        self.vals = self.idx = None
+    def __init__(self, r: torch.Tensor, count: _HostInt, ends: torch.Tensor | None = None):
+        self.r, self.count, self.ends = r, count, ends
+        self.packed = self.idx = None
 
     def pack(self) -> None:
-        if self.r is not None:
-            self.vals, self.idx = pack_nonzeros(self.r, self.ends, self.count.get())
-            self.r = self.ends = self.count = None
+        if self.r is None:
+            return
+        n = self.count.get()
+        if self.ends is not None:
+            self.packed, self.idx = pack_nonzeros(self.r, self.ends, n)
+        else:  # a copy: a view would keep the full-width buffer alive
+            self.packed = self.r[:, :n].clone(memory_format=torch.contiguous_format)
+        self.r = self.ends = self.count = None
 
 
-_pending: list[DeferredNonzeros] = []
+_pending: list[DeferredResidual] = []
 _pending_lock = threading.Lock()
-MAX_PENDING = 4  # beyond this many dense Rs the oldest is packed, waiting if need be
+MAX_PENDING = 4  # beyond this many full-width Rs the oldest is packed, waiting if need be
 
 
 def pack_pending(wait: bool = False) -> None:
@@ -287,9 +293,10 @@ def linear_forward(
     x2d [M, K] (bf16 on the hot path), weight [N, K] (the float32 master). No bias.
     ``need_residual=False`` (no weight gradient will be asked for: inference, a frozen
     weight) keeps no OCC residual for backward and never waits for its size. ``deferred``
-    (a list; FP4Linear's): the dense compensation's R is not packed here but appended to it
-    as a :class:`DeferredNonzeros` (saved[4] and saved[6] None), so nothing waits;
-    :func:`linear_backward` takes it back through its ``deferred`` argument.
+    (a list; FP4Linear's): R is not cut to its size here but appended to it as a
+    :class:`DeferredResidual` (saved[4] None), so nothing waits (``act_save`` with a column
+    compensation still waits); :func:`linear_backward` takes it back through its
+    ``deferred`` argument.
 
     With OCC, eagerly, backward keeps R at its own size (``_compact_residual``): the dense
     compensation's nonzeros (≈ 2(1 − α) of X's entries) as bf16 values and int32 flat
@@ -340,10 +347,7 @@ def linear_forward(
     if comp == "dense":
         y = occ_compensate(y, resid, weight)  # Y += R·Wᵀ, a bf16 GEMM, float32 accumulation
         if compact and deferred is not None:  # packed later, when its count has arrived
-            held = DeferredNonzeros(r_keep, ends, count)
-            deferred.append(held)
-            with _pending_lock:
-                _pending.append(held)
+            _defer(DeferredResidual(r_keep, count, ends), deferred)
         elif compact:  # R's nonzeros and their flat indices (the GEMMs run meanwhile)
             r, order = pack_nonzeros(r_keep, ends, count.get())
         elif need_residual:
@@ -351,18 +355,28 @@ def linear_forward(
     elif comp is not None:
         # the columns to pack: R's, or X's part beyond E4M3's range (recomputed from x and s)
         src, scale = (x2d, s_x) if comp == "e4m3" else (resid, None)
-        width = count.get() if compact else None
+        later = compact and deferred is not None and recipe.act_save is None
+        width = count.get() if compact and not later else None
         zero_rest = recipe.act_save is not None and not compact  # act_save's row scales
         r = gather_columns(src, order, n_cols, zero_rest=zero_rest, scale=scale, width=width)
-        if r.shape[1]:
+        if r.shape[1]:  # full width: the kernels read the first n (n on the device)
             y = occ_compensate_columns(y, r, weight, order, n_cols)
         if not need_residual:
             r = order = n_cols = None
+        elif later:  # cut to its n columns later, when the count has arrived
+            _defer(DeferredResidual(r, count), deferred)
+            r = None
     if r is not None and recipe.act_save == "e4m3" and r.ndim == 2 and r.shape[1]:
         r, s_r, _, _ = _quantize_rows(r, "e4m3", store_q=True)  # wgrad's R in FP8, row scales
     if not keep_w:
         q_w_t = None  # backward quantizes W again: the same bits, 1 byte per weight less held
     return y, (q_x_t, s_x, q_w_t, s_w, r, s_r, order, n_cols)
+
+
+def _defer(held: DeferredResidual, deferred: list) -> None:
+    deferred.append(held)
+    with _pending_lock:
+        _pending.append(held)
 
 
 def _requantize_w(recipe: Recipe) -> bool:
@@ -378,7 +392,7 @@ def linear_backward(
     recipe: Recipe,
     need_dx: bool,
     need_dw: bool,
-    deferred: DeferredNonzeros | None = None,
+    deferred: DeferredResidual | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dgrad and wgrad from :func:`linear_forward`'s ``saved``: (dx [M, K] bf16, dw [N, K] f32).
     ``deferred``: the residual :func:`linear_forward` appended to its ``deferred`` list."""
@@ -388,7 +402,9 @@ def linear_backward(
             if deferred in _pending:
                 _pending.remove(deferred)
         deferred.pack()
-        r, order = deferred.vals, deferred.idx
+        r = deferred.packed
+        if deferred.idx is not None:  # R's nonzeros at these flat positions
+            order = deferred.idx
     dy2d = dy2d.contiguous()
     m = dy2d.shape[0]
     dx = dw = None
