@@ -306,7 +306,7 @@ def linear_forward(
     width ([M, K] bf16: more memory than a bf16 layer's saved X), as nothing may sync there.
     """
     _check(recipe, x2d, weight)
-    if _pending and not torch.compiler.is_compiling():
+    if _pending and _compact_residual():  # (never while compiling or capturing)
         pack_pending()  # earlier layers' residuals whose counts have arrived
     x2d = x2d.contiguous()
     m = x2d.shape[0]
