@@ -302,7 +302,8 @@ def linear_forward(
     compensation's nonzeros (≈ 2(1 − α) of X's entries) as bf16 values and int32 flat
     indices, the column compensations' [M, n] outlier columns. The sizes come to the host
     through a copy queued behind the kernel that counts them, read after the GEMMs are
-    queued, so the GPU does not wait. Under torch.compile or CUDA-graph capture R is kept full
+    queued, so the GPU does not wait (with ``deferred``, read at the next forward: the host
+    does not wait either). Under torch.compile or CUDA-graph capture R is kept full
     width ([M, K] bf16: more memory than a bf16 layer's saved X), as nothing may sync there.
     """
     _check(recipe, x2d, weight)
