@@ -273,12 +273,17 @@ def _compact_residual() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def _e4m3_rows_bf16(r: torch.Tensor) -> torch.Tensor:
-    """R rounded to E4M3 with one scale per row, back in bf16: act_save's copy of R (the
-    arithmetic linear_backward applies to the FP8 copy when R is kept full width)."""
-    q, s, _, _ = _quantize_rows(r, "e4m3", store_q=True)
-    m = r.shape[0]
+def _rows_to_bf16(q: torch.Tensor, s: torch.Tensor, m: int) -> torch.Tensor:
+    """The first m rows of an FP8 R with its float32 row scales, dequantized in float32, then
+    rounded to bf16 (act_save's R as wgrad's compensation reads it)."""
     return (q[:m].float() * s[:m, None]).to(torch.bfloat16)
+
+
+def _e4m3_rows_bf16(r: torch.Tensor) -> torch.Tensor:
+    """R rounded to E4M3 with one scale per row, back in bf16: act_save's copy of R, the same
+    numbers linear_backward reads from the FP8 copy when R is kept full width."""
+    q, s, _, _ = _quantize_rows(r, "e4m3", store_q=True)
+    return _rows_to_bf16(q, s, r.shape[0])
 
 
 def linear_forward(
@@ -436,7 +441,7 @@ def linear_backward(
         dw = scaled_mm_rowwise(q_dy2_t, q_x_t, s_dy2, None, torch.float32, recipe.fast_accum)
         if r is not None:
             if s_r is not None:  # E4M3 R (act_save): dequantized in float32, then bf16
-                r = (r[:m].float() * s_r[:m, None]).to(torch.bfloat16)
+                r = _rows_to_bf16(r, s_r, m)
             if r.ndim == 1:  # R's nonzeros at the flat positions ``order``: dense again
                 r = unpack_nonzeros(r, order, (m, weight.shape[1]))
             if n_cols is not None:  # dW[:, cols] += dYᵀ·R[:, cols], the outlier columns only

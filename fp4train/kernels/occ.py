@@ -418,9 +418,8 @@ def _gather_columns_kernel(
         v = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_s + idx[None, :],
                     mask=rmask & take[None, :], other=0.0)  # fmt: skip
         if BEYOND:  # the arithmetic of _round_and_store's OUT8 residual: the same bits
-            v = v.to(tl.float32)
-            t = tl.load(s_ptr + rows, mask=rows < R, other=1.0)[:, None] * _q.E4M3_MAX
-            v = v - tl.minimum(tl.maximum(v, -t), t)
+            s = tl.load(s_ptr + rows, mask=rows < R, other=1.0)[:, None]
+            v = _q.beyond_e4m3(v.to(tl.float32), s)
         write = (cols < W) if ZERO_REST else take
         tl.store(dst_ptr + rows.to(tl.int64)[:, None] * W + cols[None, :],
                  _q._to_bf16_rne(v.to(tl.float32)), mask=rmask & write[None, :])  # fmt: skip

@@ -440,10 +440,7 @@ def _round_and_store(
             q8 = _round_to_grid(div_by_scale(x, s, r), E4M3_MBITS, E4M3_MIN_EXP, E4M3_EMAX,
                                 E4M3_MAX)  # fmt: skip
             q = tl.where(x != v, q8, q)
-    resid = x - v
-    if OUT8:
-        t = s * E4M3_MAX
-        resid = x - tl.minimum(tl.maximum(x, -t), t)
+    resid = beyond_e4m3(x, s) if OUT8 else x - v
     omask = (rows < Mp)[:, None] & (cols < K)[None, :]
     if STORE_Q:
         tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
@@ -459,6 +456,14 @@ def _round_and_store(
         else:
             tl.store(r_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
                      _to_bf16_rne(resid), mask=rmask)  # fmt: skip
+
+
+@triton.jit
+def beyond_e4m3(x, s):
+    """x − clamp(x, ±448·s) in float32: the part of x that X's FP8 operand, with row scale s,
+    cannot hold on the E4M3 grid (``fp4train.occ.outliers_on_e4m3``'s residual)."""
+    t = s * E4M3_MAX
+    return x - tl.minimum(tl.maximum(x, -t), t)
 
 
 @triton.jit
@@ -483,8 +488,8 @@ def _beyond_columns_kernel(
         m2 = (rows < M)[:, None] & (cols < K)[None, :]
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=m2,
                     other=0.0).to(tl.float32)  # fmt: skip
-        t = tl.load(s_ptr + rows, mask=rows < M, other=1.0)[:, None] * E4M3_MAX
-        nz = tl.max(((x - tl.minimum(tl.maximum(x, -t), t) != 0) & m2).to(tl.int32), axis=0)
+        s = tl.load(s_ptr + rows, mask=rows < M, other=1.0)[:, None]
+        nz = tl.max(((beyond_e4m3(x, s) != 0) & m2).to(tl.int32), axis=0)
         tl.atomic_max(flags_ptr + cols, nz, mask=(cols < K) & (nz > 0))
 
 
