@@ -249,17 +249,27 @@ def check_quantize_dy_both_operands(g):
 
 
 def _check_thresholds(g, granularity, **kw):
+    """Bit for bit against the reference, with the default chunk and with chunks of 32 (so a
+    group spans several programs and its last one to arrive does the selection)."""
     from fp4train.kernels import occ as kocc
     from fp4train.kernels import reference as ref
 
     x = torch.randn(40, 96, generator=g)
     x[:, :3] *= 20
     x = x.bfloat16()
-    for alpha in (0.99, 0.9, 0.6):
-        lo, hi = kocc.occ_thresholds(x, alpha, granularity, **kw)
-        lo_r, hi_r = ref.occ_thresholds(x, alpha, granularity, **kw)
-        if not (torch.equal(lo, lo_r) and torch.equal(hi, hi_r)):
-            raise AssertionError(f"alpha {alpha}: ({lo}, {hi}) vs ({lo_r}, {hi_r})")
+    chunk0 = kocc._CHUNK
+    try:
+        for chunk in (chunk0, 32):
+            kocc._CHUNK = chunk
+            for alpha in (0.99, 0.9, 0.6):
+                lo, hi = kocc.occ_thresholds(x, alpha, granularity, **kw)
+                lo_r, hi_r = ref.occ_thresholds(x, alpha, granularity, **kw)
+                if not (torch.equal(lo, lo_r) and torch.equal(hi, hi_r)):
+                    raise AssertionError(
+                        f"chunk {chunk} alpha {alpha}: ({lo}, {hi}) vs ({lo_r}, {hi_r})"
+                    )
+    finally:
+        kocc._CHUNK = chunk0
 
 
 def check_occ_thresholds_tensor(g):

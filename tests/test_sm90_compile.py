@@ -158,19 +158,18 @@ def _dge_case():
 
 
 def _occ_threshold_cases():
-    hist = dict(x_ptr="*bf16", n="i32", hist_ptr="*i32")
+    where = dict(x_ptr="*bf16", n="i32", group_stride="i32", start="i32", step="i32")
+    high = dict(where, sample_ptr="*bf16", hist_ptr="*i32", count_ptr="*i32", state_ptr="*i32",
+                rank_lo="i32", rank_hi="i32")  # fmt: skip
+    low = dict(where, state_ptr="*i32", hist_ptr="*i32", count_ptr="*i32", lo_ptr="*fp32",
+               hi_ptr="*fp32")  # fmt: skip
     return {
-        "OCC histogram, high byte": lambda: (kocc._hist_high_kernel, hist,
-                                             dict(CHUNK=kocc._CHUNK), 8),
-        "OCC select, high byte": lambda: (kocc._select_high_kernel,
-                                          dict(hist_ptr="*i32", state_ptr="*i32", rank_lo="i32",
-                                               rank_hi="i32"), {}, 1),
-        "OCC histogram, low byte": lambda: (kocc._hist_low_kernel,
-                                            dict(x_ptr="*bf16", n="i32", state_ptr="*i32",
-                                                 hist_ptr="*i32"), dict(CHUNK=kocc._CHUNK), 8),
-        "OCC select, low byte": lambda: (kocc._select_low_kernel,
-                                         dict(hist_ptr="*i32", state_ptr="*i32", lo_ptr="*fp32",
-                                              hi_ptr="*fp32"), {}, 1),
+        "OCC histogram, high byte": lambda: (kocc._hist_high_kernel, high,
+                                             dict(CHUNK=kocc._CHUNK, GATHER=False), 8),
+        "OCC histogram, high byte, sampled": lambda: (kocc._hist_high_kernel, high,
+                                                      dict(CHUNK=kocc._CHUNK, GATHER=True), 8),
+        "OCC histogram, low byte": lambda: (kocc._hist_low_kernel, low, dict(CHUNK=kocc._CHUNK),
+                                            8),
     }  # fmt: skip
 
 

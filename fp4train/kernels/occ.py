@@ -5,8 +5,9 @@
 strided sample when the group is large. We select the same elements without sorting: a bf16
 value's bits map to a 16-bit key that orders like the value, so a 256-bin histogram of the
 key's high byte finds the bin holding each rank, and a second histogram of the low byte within
-that bin finds the value. Two passes over the (sampled) data, four small launches, and the
-result is exact: the same float32 thresholds as the reference, bit for bit.
+that bin finds the value. Two passes over the (sampled) data, each group's last program to
+finish a pass doing its selection (no separate launch for it): a memset and two launches, and
+the result is exact: the same float32 thresholds as the reference, bit for bit.
 
 **Compensation.** R = X − clamp(X, lo, hi) is nonzero on about 2(1 − α) of the entries. The
 forward's quantize kernel writes R (dense, bf16) in the pass that quantizes the clamped X, and
@@ -72,19 +73,49 @@ def _key16(x):
 
 
 @triton.jit
-def _hist_high_kernel(x_ptr, n, hist_ptr, CHUNK: tl.constexpr):
-    """hist[g, key >> 8] += 1 over group g = program_id(1), elements [c*CHUNK, (c+1)*CHUNK)."""
+def _last_program(count_ptr, programs):
+    """True in the last of ``programs`` programs to arrive here, a per-group arrival counter.
+    The barrier first: the counter's one atomic is issued by one thread, so every thread's
+    atomics must precede it; acq_rel then orders them before the last program's reads (the
+    last-block pattern of CUDA's threadFenceReduction sample)."""
+    tl.debug_barrier()
+    return tl.atomic_add(count_ptr, 1, sem="acq_rel") == programs - 1
+
+
+@triton.jit
+def _hist_high_kernel(
+    x_ptr, n, group_stride, start, step, sample_ptr, hist_ptr, count_ptr, state_ptr, rank_lo,
+    rank_hi, CHUNK: tl.constexpr, GATHER: tl.constexpr,
+):  # fmt: skip
+    """hist[g, key >> 8] += 1 over elements [c*CHUNK, (c+1)*CHUNK) of group g = program_id(1)
+    (element i at ``x[g*group_stride + start + i*step]``); with GATHER the elements are also
+    stored contiguously to ``sample`` [G, n] for the second pass. The group's last program
+    selects the bins holding ranks lo and hi: state[g] = (bin_lo, rank in bin, bin_hi, ...)."""
     c = tl.program_id(0)
     g = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < n
-    x = tl.load(x_ptr + g.to(tl.int64) * n + offs, mask=mask, other=0.0)
+    x = tl.load(
+        x_ptr + g.to(tl.int64) * group_stride + start + offs.to(tl.int64) * step, mask=mask,
+        other=0.0,
+    )  # fmt: skip
+    if GATHER:
+        tl.store(sample_ptr + g.to(tl.int64) * n + offs, x, mask=mask)
     # masked lanes land in bin 0 and are taken back out
     high = tl.where(mask, _key16(x) >> 8, 0)
     h = tl.histogram(high, 256)
     bins = tl.arange(0, 256)
     h = h - tl.where(bins == 0, tl.sum((~mask).to(tl.int32)), 0)
-    tl.atomic_add(hist_ptr + g * 256 + bins, h)
+    tl.atomic_add(hist_ptr + g * 256 + bins, h, sem="relaxed")
+    if _last_program(count_ptr + g, tl.num_programs(0)):
+        # read the finished histogram where the atomics left it (L2), not through L1
+        hist = tl.atomic_add(hist_ptr + g * 256 + bins, tl.zeros_like(h), sem="relaxed")
+        b_lo, r_lo = _select_bin(hist, rank_lo)
+        b_hi, r_hi = _select_bin(hist, rank_hi)
+        tl.store(state_ptr + g * 4 + 0, b_lo)
+        tl.store(state_ptr + g * 4 + 1, r_lo)
+        tl.store(state_ptr + g * 4 + 2, b_hi)
+        tl.store(state_ptr + g * 4 + 3, r_hi)
 
 
 @triton.jit
@@ -97,62 +128,55 @@ def _select_bin(hist, rank):
 
 
 @triton.jit
-def _select_high_kernel(hist_ptr, state_ptr, rank_lo, rank_hi):
-    g = tl.program_id(0)
-    hist = tl.load(hist_ptr + g * 256 + tl.arange(0, 256))
-    b_lo, r_lo = _select_bin(hist, rank_lo)
-    b_hi, r_hi = _select_bin(hist, rank_hi)
-    tl.store(state_ptr + g * 4 + 0, b_lo)
-    tl.store(state_ptr + g * 4 + 1, r_lo)
-    tl.store(state_ptr + g * 4 + 2, b_hi)
-    tl.store(state_ptr + g * 4 + 3, r_hi)
-
-
-@triton.jit
-def _hist_low_kernel(x_ptr, n, state_ptr, hist_ptr, CHUNK: tl.constexpr):
-    """hist[g, j, key & 255] += 1 for elements whose high byte is the selected bin j (lo, hi)."""
+def _hist_low_kernel(
+    x_ptr, n, group_stride, start, step, state_ptr, hist_ptr, count_ptr, lo_ptr, hi_ptr,
+    CHUNK: tl.constexpr,
+):  # fmt: skip
+    """hist[g, j, key & 255] += 1 for elements whose high byte is the selected bin j (lo, hi);
+    the group's last program selects the two values and stores them to lo[g], hi[g]."""
     c = tl.program_id(0)
     g = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < n
-    x = tl.load(x_ptr + g.to(tl.int64) * n + offs, mask=mask, other=0.0)
+    x = tl.load(
+        x_ptr + g.to(tl.int64) * group_stride + start + offs.to(tl.int64) * step, mask=mask,
+        other=0.0,
+    )  # fmt: skip
     key = _key16(x)
     bins = tl.arange(0, 256)
     for j in tl.static_range(2):
         sel = mask & ((key >> 8) == tl.load(state_ptr + g * 4 + 2 * j))
         h = tl.histogram(tl.where(sel, key & 0xFF, 0), 256)
         h = h - tl.where(bins == 0, tl.sum((~sel).to(tl.int32)), 0)
-        tl.atomic_add(hist_ptr + (g * 2 + j) * 256 + bins, h)
-
-
-@triton.jit
-def _select_low_kernel(hist_ptr, state_ptr, lo_ptr, hi_ptr):
-    g = tl.program_id(0)
-    for j in tl.static_range(2):
-        hist = tl.load(hist_ptr + (g * 2 + j) * 256 + tl.arange(0, 256))
-        b, _ = _select_bin(hist, tl.load(state_ptr + g * 4 + 2 * j + 1))
-        key = (tl.load(state_ptr + g * 4 + 2 * j) << 8) | b
-        bits = tl.where(key >= 0x8000, key ^ 0x8000, key ^ 0xFFFF)
-        # bf16 bits are the high half of the float32 bits
-        value = (bits << 16).to(tl.float32, bitcast=True)
-        if j == 0:
-            tl.store(lo_ptr + g, value)
-        else:
-            tl.store(hi_ptr + g, value)
+        tl.atomic_add(hist_ptr + (g * 2 + j) * 256 + bins, h, sem="relaxed")
+    if _last_program(count_ptr + g, tl.num_programs(0)):
+        for j in tl.static_range(2):
+            ptrs = hist_ptr + (g * 2 + j) * 256 + bins
+            hist = tl.atomic_add(ptrs, tl.zeros_like(bins), sem="relaxed")
+            b, _ = _select_bin(hist, tl.load(state_ptr + g * 4 + 2 * j + 1))
+            sel_key = (tl.load(state_ptr + g * 4 + 2 * j) << 8) | b
+            bits = tl.where(sel_key >= 0x8000, sel_key ^ 0x8000, sel_key ^ 0xFFFF)
+            # bf16 bits are the high half of the float32 bits
+            value = (bits << 16).to(tl.float32, bitcast=True)
+            if j == 0:
+                tl.store(lo_ptr + g, value)
+            else:
+                tl.store(hi_ptr + g, value)
 
 
 def _groups(x: torch.Tensor, granularity: str, exact_max_numel: int, sample_size: int):
-    """The groups [G, n] (contiguous) whose quantiles the reference takes; shape of lo/hi."""
+    """How the reference samples: groups G, elements per group n, and element i of group g at
+    ``x.flatten()[g*group_stride + start + i*step]``."""
     if granularity == "tensor":
-        v = x.reshape(1, -1)
+        groups, length = 1, x.numel()
     else:
-        v = x.reshape(-1, x.shape[-1])
-    n = v.shape[-1]
-    if n > exact_max_numel:
-        period = x.shape[-1] if granularity == "tensor" and x.ndim else 1
-        s = _occ._stride(n, sample_size, period)
-        v = v[:, s // 2 :: s]
-    return v.contiguous()
+        groups, length = x.numel() // x.shape[-1], x.shape[-1]
+    if length <= exact_max_numel:
+        return groups, length, length, 0, 1
+    period = x.shape[-1] if granularity == "tensor" and x.ndim else 1
+    s = _occ._stride(length, sample_size, period)
+    start = s // 2
+    return groups, cdiv(length - start, s), length, start, s
 
 
 @_q.custom_op("fp4train::occ_thresholds")
@@ -175,22 +199,30 @@ def occ_thresholds(
         raise ValueError(f"granularity must be one of {_occ.GRANULARITIES}, got {granularity!r}")
     if x.numel() == 0:
         raise ValueError("cannot take quantiles of an empty tensor")
-    v = _groups(x, granularity, exact_max_numel, sample_size)  # [G, n]
-    g, n = v.shape
+    x = x.contiguous()
+    g, n, group_stride, start, step = _groups(x, granularity, exact_max_numel, sample_size)
     dev = x.device
-    hist_high = torch.zeros(g, 256, dtype=torch.int32, device=dev)
-    hist_low = torch.zeros(g, 2, 256, dtype=torch.int32, device=dev)
+    # one zeroed buffer: the two histograms and the two passes' arrival counters
+    work = torch.zeros(g * (3 * 256 + 2), dtype=torch.int32, device=dev)
+    hist_high, hist_low = work[: g * 256], work[g * 256 : g * 768]
+    count_high, count_low = work[g * 768 : g * 768 + g], work[g * 768 + g :]
     state = torch.empty(g, 4, dtype=torch.int32, device=dev)
     lo = _q.empty_output(g, torch.float32, dev)
     hi = _q.empty_output(g, torch.float32, dev)
+    gather = step != 1  # sampled: the first pass packs the sample for the second
+    sample = torch.empty(g, n, dtype=x.dtype, device=dev) if gather else x
     grid = (cdiv(n, _CHUNK), g)
-    launch(_hist_high_kernel, grid, v, n, hist_high, CHUNK=_CHUNK, num_warps=8)
     launch(
-        _select_high_kernel, (g,), hist_high, state, _occ._rank(1 - alpha, n),
-        _occ._rank(alpha, n), num_warps=1,
+        _hist_high_kernel, grid, x, n, group_stride, start, step, sample, hist_high, count_high,
+        state, _occ._rank(1 - alpha, n), _occ._rank(alpha, n), CHUNK=_CHUNK, GATHER=gather,
+        num_warps=8,
     )  # fmt: skip
-    launch(_hist_low_kernel, grid, v, n, state, hist_low, CHUNK=_CHUNK, num_warps=8)
-    launch(_select_low_kernel, (g,), hist_low, state, lo, hi, num_warps=1)
+    if gather:
+        group_stride, start, step = n, 0, 1
+    launch(
+        _hist_low_kernel, grid, sample, n, group_stride, start, step, state, hist_low, count_low,
+        lo, hi, CHUNK=_CHUNK, num_warps=8,
+    )  # fmt: skip
     return lo, hi
 
 
