@@ -10,7 +10,8 @@
 #       e4m3), then 125M for 300 steps: bf16, fp4-paper and its e4m3 variant, one seed
 #   bash benchmarks/occ8_session.sh --compact  all GPU tests, R by its nonzeros: the pieces by
 #       launch config (sweep_compact.py), the persistent column kernels in the layer benchmark,
-#       the 1.3B eager step with R compact and full width
+#       e4m3 by kernel, the quantize kernels (OCC thresholds in two launches), the 1.3B eager
+#       step with R compact (deferred) and full width
 #   bash benchmarks/occ8_session.sh --kernels  GPU tests of R kept by its nonzeros and under
 #       graph capture (session 14), what keeping R compact costs (sweep_compact.py), the 1.3B
 #       eager step bf16 / fp4-paper, dY's launches by config (sweep_dy.py, the tile pass in
@@ -23,7 +24,7 @@ E8="fp4-paper[occ.compensation=e4m3]"
 COLS="fp4-paper[occ.compensation=columns]"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 if [[ " $* " == *" --compact "* ]]; then
-  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 \
+  timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 \
     | tee "$OUT/gpu_tests_full.log" | grep -v "^tests\|^  \|^$\|Warn" | tail -15 \
     | tee "$OUT/gpu_tests.txt"
   timeout 80 python3 benchmarks/sweep_compact.py 2>&1 | grep "^|" | tee "$OUT/sweep_compact.md"
@@ -31,6 +32,7 @@ if [[ " $* " == *" --compact "* ]]; then
     --recipes fp4-dge "$E8" "$COLS+chan" 2>&1 | grep "^|" | tee "$OUT/bench_linear.md"
   timeout 45 python3 -m fp4train bench profile --recipes "$E8" 2>&1 | grep "^|\|^#" \
     | tee "$OUT/profile.md"
+  timeout 50 python3 -m fp4train bench quant 2>&1 | grep "^|" | tee "$OUT/quant.md"
   timeout 70 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp4-paper 2>&1 \
     | grep "^|" | tee "$OUT/step.md"
   FP4TRAIN_FULL_RESIDUAL=1 timeout 45 python3 -m fp4train bench step --models 1.3b \
