@@ -25,6 +25,8 @@ from conftest import (
     wide_values,
 )
 
+from fp4train import occ as fp4train_occ
+
 CHECKS = [
     "round_to_grid_every_format",
     "quantize_rows_e2m1",
@@ -70,6 +72,31 @@ def interpreted():
     results = json.loads(lines[-1])
     results["_seed"] = seed
     return results
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize(
+    "shape, exact_max, sample",
+    [((40, 96), 10**6, 300), ((40, 96), 1000, 300), ((7, 13), 20, 6), ((3, 4096), 100, 7),
+     ((5, 31), 30, 30)],
+)  # fmt: skip
+def test_occ_threshold_sample_positions(granularity, shape, exact_max, sample):
+    """The kernels' (start, step) addressing picks the same elements as the reference's
+    ``v[:, s // 2 :: s]`` slice, for each group."""
+    pytest.importorskip("triton")
+    from fp4train.kernels import occ as kocc
+
+    m, k = shape
+    flat = torch.arange(m * k).reshape(m, k)
+    v = flat.reshape(1, -1) if granularity == "tensor" else flat
+    g, n, group_stride, start, step = kocc._groups(flat, granularity, exact_max, sample)
+    length = v.shape[1]
+    if length > exact_max:
+        period = k if granularity == "tensor" else 1
+        s = fp4train_occ._stride(length, sample, period)
+        v = v[:, s // 2 :: s]
+    got = torch.arange(g)[:, None] * group_stride + start + torch.arange(n)[None, :] * step
+    assert (g, n) == tuple(v.shape) and torch.equal(got, v)
 
 
 def test_deferred_residuals_pack_when_counted_or_too_many(monkeypatch):
