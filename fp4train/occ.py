@@ -104,6 +104,16 @@ def _stride(n: int, sample_size: int, period: int) -> int:
     return s
 
 
+def _sample(n: int, period: int, exact_max_numel: int, sample_size: int) -> slice:
+    """The elements of a group of n whose quantiles the thresholds take: all of them up to
+    ``exact_max_numel``, else every s-th from s // 2 (the middle of each stride-long stretch;
+    s from :func:`_stride`)."""
+    if n <= exact_max_numel:
+        return slice(0, None, 1)
+    s = _stride(n, sample_size, period)
+    return slice(s // 2, None, s)
+
+
 def _rank(q: float, n: int) -> int:
     return round(q * (n - 1))  # half to even, as torch.quantile(interpolation="nearest")
 
@@ -150,12 +160,9 @@ def quantile_thresholds(
     else:
         v = x.reshape(-1, x.shape[-1])  # [rows, K]
         out_shape = [*x.shape[:-1], 1]
+    period = x.shape[-1] if granularity == "tensor" and x.ndim else 1
+    v = v[:, _sample(v.shape[-1], period, exact_max_numel, sample_size)]
     n = v.shape[-1]
-    if n > exact_max_numel:
-        period = x.shape[-1] if granularity == "tensor" and x.ndim else 1
-        s = _stride(n, sample_size, period)
-        v = v[:, s // 2 :: s]  # offset s // 2: the middle of each stride-long stretch
-        n = v.shape[-1]
     lo = _order_statistic(v, _rank(1 - alpha, n))
     hi = _order_statistic(v, _rank(alpha, n))
     out = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -165,18 +165,15 @@ def _hist_low_kernel(
 
 
 def _groups(x: torch.Tensor, granularity: str, exact_max_numel: int, sample_size: int):
-    """How the reference samples: groups G, elements per group n, and element i of group g at
-    ``x.flatten()[g*group_stride + start + i*step]``."""
+    """How the reference samples 2-D ``x``: groups G, elements per group n, and element i of
+    group g at ``x.flatten()[g*group_stride + start + i*step]``."""
     if granularity == "tensor":
-        groups, length = 1, x.numel()
+        groups, length, period = 1, x.numel(), x.shape[-1]
     else:
-        groups, length = x.numel() // x.shape[-1], x.shape[-1]
-    if length <= exact_max_numel:
-        return groups, length, length, 0, 1
-    period = x.shape[-1] if granularity == "tensor" and x.ndim else 1
-    s = _occ._stride(length, sample_size, period)
-    start = s // 2
-    return groups, cdiv(length - start, s), length, start, s
+        groups, length, period = x.shape[0], x.shape[-1], 1
+    sample = _occ._sample(length, period, exact_max_numel, sample_size)
+    n = cdiv(length - sample.start, sample.step)
+    return groups, n, length, sample.start, sample.step
 
 
 @_q.custom_op("fp4train::occ_thresholds")
