@@ -68,6 +68,7 @@ examples:
   fp4train train --model 125m --batch-size 8 --grad-accum 4 --lr 3e-4 --max-steps 5000
   fp4train train --monitor-every 50                # per-layer SNR / cosine / MSE of FP4 operands
   fp4train train --out runs/x --resume             # continue runs/x from its latest checkpoint
+  fp4train train --out runs/x --resume --max-steps 400  # train on (the LR schedule then spans 400)
   fp4train train --optimizer adamw-lp              # FP8 first / FP16 second moment (paper)
 
 several GPUs (data parallel; one process per GPU, started by torchrun):
@@ -179,8 +180,8 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument(
         "--model",
-        default=_D.model,
-        help="tiny, 125m, 350m, 1.3b, 7b or a ModelConfig JSON file (default: %(default)s)",
+        default=None,
+        help=f"tiny, 125m, 350m, 1.3b, 7b or a ModelConfig JSON file (default: {_D.model})",
     )
     g.add_argument(
         "--data",
@@ -190,8 +191,8 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument(
         "--vocab-size",
         type=_positive_int,
-        default=_D.vocab_size,
-        help="BPE vocabulary trained on the data (default: %(default)s)",
+        default=None,
+        help=f"BPE vocabulary trained on the data (default: {_D.vocab_size})",
     )
     g.add_argument(
         "--cache-dir",
@@ -203,8 +204,8 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
     if command == "train":
         g.add_argument(
             "--recipe",
-            default=_D.recipe,
-            help="preset, preset[key=value,...] or a recipe JSON file (default: %(default)s)",
+            default=None,
+            help=f"preset, preset[key=value,...] or a recipe JSON file (default: {_D.recipe})",
         )
     else:
         g.add_argument(
@@ -216,7 +217,7 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
         "--set",
         dest="overrides",
         action="append",
-        default=[],
+        default=None,
         metavar="KEY=VALUE",
         help="override a recipe field (repeatable)",
     )
@@ -225,20 +226,20 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument(
         "--max-steps",
         type=_positive_int,
-        default=_D.max_steps,
-        help="optimizer steps (default: %(default)s)",
+        default=None,
+        help=f"optimizer steps (default: {_D.max_steps})",
     )
     g.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=_D.batch_size,
-        help="sequences per micro-batch, over all processes (default: %(default)s)",
+        default=None,
+        help=f"sequences per micro-batch, over all processes (default: {_D.batch_size})",
     )
     g.add_argument(
         "--grad-accum",
         type=_positive_int,
-        default=_D.grad_accum,
-        help="micro-batches per step (default: %(default)s)",
+        default=None,
+        help=f"micro-batches per step (default: {_D.grad_accum})",
     )
     g.add_argument(
         "--seq-len",
@@ -251,76 +252,77 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument(
         "--warmup-frac",
         type=float,
-        default=_D.warmup_frac,
-        help="warm-up fraction of the steps (default: %(default)s)",
+        default=None,
+        help=f"warm-up fraction of the steps (default: {_D.warmup_frac})",
     )
     g.add_argument(
         "--min-lr-frac",
         type=float,
-        default=_D.min_lr_frac,
-        help="final LR as a fraction of the peak (default: %(default)s)",
+        default=None,
+        help=f"final LR as a fraction of the peak (default: {_D.min_lr_frac})",
     )
     g.add_argument(
         "--weight-decay",
         type=float,
-        default=_D.weight_decay,
-        help="AdamW weight decay on linear weights (default: %(default)s)",
+        default=None,
+        help=f"AdamW weight decay on linear weights (default: {_D.weight_decay})",
     )
     g.add_argument(
         "--grad-clip",
         type=float,
-        default=_D.grad_clip,
-        help="max global gradient norm, 0 = off (default: %(default)s)",
+        default=None,
+        help=f"max global gradient norm, 0 = off (default: {_D.grad_clip})",
     )
     g.add_argument(
         "--optimizer",
-        default=_D.optimizer,
+        default=None,
         choices=OPTIMIZERS,
-        help="adamw, or adamw-lp: FP8 first / FP16 second moment (default: %(default)s)",
+        help=f"adamw, or adamw-lp: FP8 first / FP16 second moment (default: {_D.optimizer})",
     )
     g.add_argument(
         "--seed",
         type=_nonneg_int,
-        default=_D.seed,
-        help="seed for weights and data order (default: %(default)s)",
+        default=None,
+        help=f"seed for weights and data order (default: {_D.seed})",
     )
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument(
         "--log-every",
         type=_positive_int,
-        default=_D.log_every,
-        help="metrics.jsonl row every N steps, and at the first and last (default: %(default)s)",
+        default=None,
+        help="metrics.jsonl row every N steps, and at the first and last "
+        f"(default: {_D.log_every})",
     )
     g.add_argument(
         "--eval-every",
         type=_positive_int,
-        default=_D.eval_every,
-        help="validation loss every N steps (default: %(default)s)",
+        default=None,
+        help=f"validation loss every N steps (default: {_D.eval_every})",
     )
     g.add_argument(
         "--eval-batches",
         type=_positive_int,
-        default=_D.eval_batches,
-        help="validation batches per evaluation (default: %(default)s)",
+        default=None,
+        help=f"validation batches per evaluation (default: {_D.eval_batches})",
     )
     g.add_argument(
         "--ckpt-every",
         type=_positive_int,
-        default=_D.ckpt_every,
-        help="checkpoint every N steps, and at the end (default: %(default)s)",
+        default=None,
+        help=f"checkpoint every N steps, and at the end (default: {_D.ckpt_every})",
     )
     g.add_argument(
         "--keep-ckpts",
         type=_positive_int,
-        default=_D.keep_ckpts,
-        help="step checkpoints kept besides latest.pt (default: %(default)s)",
+        default=None,
+        help=f"step checkpoints kept besides latest.pt (default: {_D.keep_ckpts})",
     )
     g.add_argument(
         "--monitor-every",
         type=_nonneg_int,
-        default=_D.monitor_every,
-        help="quantization statistics every N steps, 0 = off (default: %(default)s)",
+        default=None,
+        help=f"quantization statistics every N steps, 0 = off (default: {_D.monitor_every})",
     )
     g.add_argument("--out", metavar="DIR", help="output directory (see below)")
     g.add_argument("--name", help="run name: output in runs/NAME")
@@ -328,7 +330,8 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
         g.add_argument(
             "--resume",
             action="store_true",
-            help="continue the run in --out from checkpoints/latest.pt",
+            help="continue the run in --out from checkpoints/latest.pt; the options not given "
+            "take the run's own values (from its config.json)",
         )
     g.add_argument("--no-progress", action="store_true", help="print log lines, no progress bar")
 
@@ -338,9 +341,9 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
     )
     g.add_argument(
         "--precision",
-        default=_D.precision,
+        default=None,
         choices=("auto", "bf16", "fp32"),
-        help="auto = BF16 autocast on GPU, float32 on CPU (default: %(default)s)",
+        help=f"auto = BF16 autocast on GPU, float32 on CPU (default: {_D.precision})",
     )
     g.add_argument(
         "--compile",
@@ -413,38 +416,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the options a resumed run takes from its config.json when not given (argparse default None)
+_INHERITED = (
+    "model", "recipe", "overrides", "data", "vocab_size", "seq_len", "batch_size", "grad_accum",
+    "max_steps", "lr", "warmup_frac", "min_lr_frac", "weight_decay", "grad_clip", "optimizer",
+    "seed", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_ckpts",
+    "monitor_every", "precision",
+)  # fmt: skip
+
+
+def _saved_options(out: str | None) -> dict:
+    """The options run ``out`` was last started with (its config.json's "train" section), or
+    {} where it has no config.json."""
+    path = Path(out or "") / "config.json"
+    if out is None or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["train"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"its train section is a {type(saved).__name__}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} cannot be read ({e}); it records the run's options for --resume: "
+            "repair or delete it and give the options again"
+        ) from e
+    return {k: saved[k] for k in _INHERITED if k in saved}
+
+
 def _train_config(args: argparse.Namespace, command: str) -> TrainConfig:
     out = args.out or (str(Path("runs") / args.name) if args.name else None)
+    resume = getattr(args, "resume", False)
+    saved = _saved_options(out) if resume else {}
+
+    def opt(name: str):  # given, else the resumed run's, else the default
+        given = getattr(args, name, None)
+        if given is not None:
+            return given
+        return saved.get(name, getattr(_D, name))
+
     return TrainConfig(
-        model=args.model,
-        recipe=args.recipe if command == "train" else "",
-        overrides=list(args.overrides),
-        data=args.data,
-        vocab_size=args.vocab_size,
+        model=opt("model"),
+        recipe=opt("recipe") if command == "train" else "",
+        overrides=list(opt("overrides")),
+        data=opt("data"),
+        vocab_size=opt("vocab_size"),
         cache_dir=args.cache_dir,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_steps=args.max_steps,
-        lr=args.lr,
-        warmup_frac=args.warmup_frac,
-        min_lr_frac=args.min_lr_frac,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        eval_every=args.eval_every,
-        eval_batches=args.eval_batches,
-        log_every=args.log_every,
-        ckpt_every=args.ckpt_every,
-        keep_ckpts=args.keep_ckpts,
-        seed=args.seed,
+        seq_len=opt("seq_len"),
+        batch_size=opt("batch_size"),
+        grad_accum=opt("grad_accum"),
+        max_steps=opt("max_steps"),
+        lr=opt("lr"),
+        warmup_frac=opt("warmup_frac"),
+        min_lr_frac=opt("min_lr_frac"),
+        weight_decay=opt("weight_decay"),
+        grad_clip=opt("grad_clip"),
+        eval_every=opt("eval_every"),
+        eval_batches=opt("eval_batches"),
+        log_every=opt("log_every"),
+        ckpt_every=opt("ckpt_every"),
+        keep_ckpts=opt("keep_ckpts"),
+        seed=opt("seed"),
         device=args.device,
-        precision=args.precision,
+        precision=opt("precision"),
         compile=args.compile,
-        monitor_every=args.monitor_every,
+        monitor_every=opt("monitor_every"),
         out_dir=out,
-        resume=getattr(args, "resume", False),
+        resume=resume,
         progress=not args.no_progress,
-        optimizer=args.optimizer,
+        optimizer=opt("optimizer"),
         parallel=args.parallel,
     )
 

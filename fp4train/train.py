@@ -376,11 +376,54 @@ def _load_model_state(model: nn.Module, ckpt: dict, path: Path) -> None:
         ) from e
 
 
+# the settings a resumed run may change, each said when it does: the schedule, the optimizer's
+# hyperparameters (its state brings back the saved ones; this run's are set again after it
+# loads), clipping, and what the batches are (the data order is a function of seed, batch
+# size and step). The model and the recipe must stay (checked below).
+_RESUME_SETTINGS = (
+    "max_steps", "lr", "warmup_frac", "min_lr_frac", "weight_decay", "beta1", "beta2", "eps",
+    "grad_clip", "batch_size", "grad_accum", "seq_len", "seed", "precision",
+)  # fmt: skip
+
+
+def _resume_changes(ckpt: dict, cfg: TrainConfig, peak_lr: float, seq_len: int) -> list[str]:
+    """Each of _RESUME_SETTINGS this run sets unlike checkpoint ``ckpt``, as "name old -> new"
+    (its peak LR read from its scheduler, its sequence length resolved like this run's)."""
+    then = dict(ckpt["train_config"])
+    then["lr"] = ckpt["scheduler"]["base_lrs"][0]
+    then["seq_len"] = then.get("seq_len") or ckpt["model_config"]["max_seq_len"]
+    now = dataclasses.asdict(cfg) | {"lr": peak_lr, "seq_len": seq_len}
+    return [
+        f"{k} {then[k]!r} -> {now[k]!r}"
+        for k in _RESUME_SETTINGS
+        if k in then and then[k] != now[k]
+    ]
+
+
+def _set_hyperparameters(optimizer, scheduler, cfg: TrainConfig, peak_lr: float, step: int):
+    """This run's peak LR, schedule, weight decay, betas and eps on the optimizer and scheduler
+    once a checkpoint's states (which bring back the saved ones) have loaded; unchanged
+    settings give the very numbers the states held (LambdaLR's ``base_lr * lambda(step)``)."""
+    scheduler.base_lrs = [peak_lr] * len(optimizer.param_groups)
+    mult = lr_multiplier(step, cfg.max_steps, cfg.warmup_frac, cfg.min_lr_frac)
+    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
+        group.update(
+            initial_lr=peak_lr,
+            lr=peak_lr * mult,
+            weight_decay=decay,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+        )
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def _restore(
-    path, model, optimizer, scheduler, batcher, model_config, recipe, cfg, *, sharded, device
-):
+    path, model, optimizer, scheduler, batcher, model_config, recipe, cfg, *, sharded, device,
+    peak_lr, seq_len,
+):  # fmt: skip
     """Load a run's state from checkpoint ``path`` into ``model`` (a DDP / FSDP2 model when
-    ``sharded``, every rank reading the file); return (step, recent losses)."""
+    ``sharded``, every rank reading the file), then set this run's hyperparameters (peak LR
+    ``peak_lr``); return (step, recent losses, the settings changed: see _resume_changes)."""
     ckpt = load_checkpoint(path)
     if ckpt["model_config"] != model_config.to_dict():
         raise CheckpointError(
@@ -429,7 +472,9 @@ def _restore(
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from e
     _set_rng_state(ckpt["rng"], device)
-    return ckpt["step"], ckpt.get("recent_losses", [])
+    _set_hyperparameters(optimizer, scheduler, cfg, peak_lr, ckpt["step"])
+    changes = _resume_changes(ckpt, cfg, peak_lr, seq_len)
+    return ckpt["step"], ckpt.get("recent_losses", []), changes
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -772,10 +817,10 @@ def train(cfg: TrainConfig) -> dict:
     )
     # every rank draws the global batch and keeps its rows: the stream does not depend on world
     batcher = Batcher(data.train, cfg.batch_size // world, seq_len, cfg.seed, rank, world)
-    start_step, recent = 0, deque(maxlen=_FINAL_LOSS_WINDOW)
+    start_step, recent, changes = 0, deque(maxlen=_FINAL_LOSS_WINDOW), []
     sharded = parallel != "none"
     if cfg.resume:
-        start_step, losses = _restore(
+        start_step, losses, changes = _restore(
             ckpt_dir / "latest.pt",
             wrapped if sharded else model,
             optimizer,
@@ -786,6 +831,8 @@ def train(cfg: TrainConfig) -> dict:
             cfg,
             sharded=sharded,
             device=device,
+            peak_lr=peak_lr,
+            seq_len=seq_len,
         )
         if start_step >= cfg.max_steps:
             raise ConfigError(
@@ -914,6 +961,12 @@ def train(cfg: TrainConfig) -> dict:
         f"{data.source}: {len(data.train):,} train / {len(data.val):,} val tokens, "
         f"{tokens_per_step:,} tokens/step, {where}, out {out_dir}"
     )
+    if changes:  # a resumed run set otherwise than its checkpoint: said, then applied
+        echo(
+            f"resuming at step {start_step} with settings unlike the checkpoint's: "
+            f"{', '.join(changes)} (LR of step {start_step + 1}: "
+            f"{optimizer.param_groups[0]['lr']:.3g})"
+        )
     t_start, train_time, interval_time, interval_tokens = time.perf_counter(), 0.0, 0.0, 0
     val_loss = None
     model.train()

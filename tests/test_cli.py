@@ -112,6 +112,40 @@ def test_train_then_eval(micro, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
+def test_resume_takes_the_runs_own_options(micro, tmp_path, capsys):
+    """``--resume`` with only --out (and what to change) continues the run as it was started:
+    its model, data, batch, LR, weight decay and seed come from its config.json, and only what
+    is given changes (said in one line); a config.json that does not parse is an error that
+    leaves the checkpoint as it was."""
+    out = tmp_path / "run"
+    first = ["--lr", "2e-3", "--weight-decay", "0.05", "--seed", "5", "--out", str(out)]
+    assert main(["train", *_args(micro, *first)]) == 0
+    started = json.loads((out / "config.json").read_text())["train"]
+    common = ["--out", str(out), "--resume", "--cache-dir", str(micro / "cache"), "--no-progress"]
+    capsys.readouterr()
+    assert main(["train", *common, "--max-steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "settings unlike the checkpoint's: max_steps 3 -> 5 (" in printed, printed
+    now = json.loads((out / "config.json").read_text())["train"]
+    for key in ("model", "data", "vocab_size", "batch_size", "lr", "weight_decay", "seed"):
+        assert now[key] == started[key], key
+    assert (now["lr"], now["batch_size"], now["seed"]) == (2e-3, 2, 5)
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]["tokens"] == 5 * 2 * 16  # the run's batch of 2 x 16 tokens throughout
+
+    assert main(["train", *common, "--max-steps", "6", "--lr", "1e-3"]) == 0
+    assert "max_steps 5 -> 6, lr 0.002 -> 0.001 (" in capsys.readouterr().out
+
+    latest = out / "checkpoints" / "latest.pt"
+    before = latest.read_bytes()
+    (out / "config.json").write_text("{not json")
+    assert main(["train", *common, "--max-steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json cannot be read" in err and len(err.strip().splitlines()) == 1, err
+    assert latest.read_bytes() == before
+
+
 def test_compare_two_recipes(micro, tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(

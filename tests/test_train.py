@@ -182,7 +182,7 @@ def test_corrupt_or_foreign_checkpoint_raises_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------- training
-def test_resume_continues_bit_for_bit(micro, tmp_path, monkeypatch):
+def test_resume_continues_bit_for_bit(micro, tmp_path, monkeypatch, capsys):
     straight = train(_cfg(micro, tmp_path / "straight"))
 
     # crash in step 6: checkpoint at step 4, metrics rows up to step 5 on disk
@@ -200,7 +200,9 @@ def test_resume_continues_bit_for_bit(micro, tmp_path, monkeypatch):
         train(_cfg(micro, tmp_path / "resumed"))
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "resumed")["step"] == 4
+    capsys.readouterr()
     resumed = train(_cfg(micro, tmp_path / "resumed", resume=True))
+    assert "unlike the checkpoint" not in capsys.readouterr().out  # nothing changed
 
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
     assert len(_losses(tmp_path / "straight")) == 8
@@ -210,6 +212,28 @@ def test_resume_continues_bit_for_bit(micro, tmp_path, monkeypatch):
         assert torch.equal(v, b["model"][k]), k
     losses = [x[1] for x in _losses(tmp_path / "straight")]
     assert sum(losses[-3:]) < sum(losses[:3])  # and it learns
+
+
+def test_resume_applies_and_reports_changed_settings(micro, tmp_path, capsys):
+    """The optimizer's and scheduler's states bring back the saved LR and weight decay; a
+    resumed run asking for others gets them (torch would keep the saved ones), and says what
+    changed. A longer run stretches the schedule from the step it resumes at."""
+    out = tmp_path / "run"
+    train(_cfg(micro, out, max_steps=4, lr=2e-3))
+    capsys.readouterr()
+    train(_cfg(micro, out, max_steps=6, lr=1e-3, weight_decay=0.05, resume=True))
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "unlike the checkpoint" in ln]
+    assert len(said) == 1
+    assert "max_steps 4 -> 6, lr 0.002 -> 0.001, weight_decay 0.1 -> 0.05 (" in said[0]
+    lrs = {step: lr for step, _, lr in _losses(out)}
+    assert lrs[4] == 2e-3 * lr_multiplier(3, 4, 0.05, 0.1)  # before: the old schedule
+    for step in (5, 6):  # update step - 1 (0-based) of the new one
+        assert lrs[step] == 1e-3 * lr_multiplier(step - 1, 6, 0.05, 0.1)
+    ckpt = load_checkpoint(out)
+    assert ckpt["scheduler"]["base_lrs"] == [1e-3, 1e-3]
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert groups[0]["lr"] == 1e-3 * lr_multiplier(6, 6, 0.05, 0.1)
 
 
 def test_outputs_and_refusals(micro, tmp_path):
