@@ -80,7 +80,8 @@ def convert(
     recipe: Recipe | str,
     module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> nn.Module:
-    """Replace eligible ``nn.Linear`` modules of ``model`` in place with ``FP4Linear``.
+    """Replace eligible ``nn.Linear`` modules of ``model`` in place with ``FP4Linear``; eligible
+    ``FP4Linear`` layers (from an earlier convert) take ``recipe`` instead of their own.
 
     Args:
         model: any module; converted in place and returned.
@@ -100,8 +101,10 @@ def convert(
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     tied = _tied_to_embedding(model)
     swaps: list[tuple[str, nn.Module]] = []
+    recast: list[FP4Linear] = []  # converted before, with another recipe
     for fqn, mod in model.named_modules():
-        if type(mod) is not nn.Linear:  # subclasses may change forward; FP4Linear is done
+        converted = type(mod) is FP4Linear
+        if type(mod) is not nn.Linear and not converted:  # subclasses may change forward
             continue
         if fqn == "":
             raise TypeError(
@@ -111,19 +114,34 @@ def convert(
         leaf = fqn.rsplit(".", 1)[-1]
         is_head = leaf in _HEAD_NAMES or id(mod.weight) in tied
         if is_head and not recipe.quantize_lm_head:
-            log.info("fp4train.convert: keeping %s in high precision (LM head)", fqn)
+            if converted and mod.recipe != recipe:  # quantized by an earlier convert
+                log.warning(
+                    "fp4train.convert: %s (LM head) keeps recipe %s: %s does not quantize "
+                    "the LM head", fqn, mod.recipe.name, recipe.name,
+                )  # fmt: skip
+            else:
+                log.info("fp4train.convert: keeping %s in high precision (LM head)", fqn)
             continue
         if module_filter_fn is not None and not module_filter_fn(mod, fqn):
             continue
         reason = unsupported_reason(recipe, mod.in_features, mod.out_features)
         if reason is not None:
-            log.warning("fp4train.convert: skipping %s: %s", fqn, reason)
+            kept = f" (it keeps recipe {mod.recipe.name})" if converted else ""
+            log.warning("fp4train.convert: skipping %s: %s%s", fqn, reason, kept)
             continue
-        swaps.append((fqn, mod))
+        if not converted:
+            swaps.append((fqn, mod))
+        elif mod.recipe != recipe:
+            recast.append(mod)
     for fqn, mod in swaps:
         parent_name, _, leaf = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, FP4Linear.from_linear(mod, recipe))
+    for mod in recast:
+        mod.recipe = recipe
     set_act_save(model, recipe.act_save)
-    log.info("fp4train.convert: %d linear layers now use recipe %s", len(swaps), recipe.name)
+    log.info(
+        "fp4train.convert: %d linear layers now use recipe %s (%d of them FP4Linear already)",
+        len(swaps) + len(recast), recipe.name, len(recast),
+    )  # fmt: skip
     return model

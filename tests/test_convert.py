@@ -96,6 +96,29 @@ def test_convert_is_idempotent_and_validates():
         convert(nn.Linear(4, 4), "fp4-paper")
 
 
+def test_convert_again_gives_converted_layers_the_new_recipe(caplog):
+    """A second convert with another recipe reaches the FP4Linear layers too (they would
+    otherwise keep the first recipe without a word), within its filter; an LM head that the
+    new recipe would not quantize keeps its recipe, with a warning."""
+    head_too = Recipe.preset("fp4-paper").replace(quantize_lm_head=True)
+    model = convert(_Toy(), head_too)
+    up = model.blocks[0]["up"]
+    convert(model, "fp4-dge", module_filter_fn=lambda m, fqn: fqn.endswith("down"))
+    recipes = {n: m.recipe.name for n, m in model.named_modules() if isinstance(m, FP4Linear)}
+    first = head_too.name  # "fp4-paper*"
+    assert recipes == {
+        "blocks.0.up": first, "blocks.1.up": first, "odd": first,
+        "blocks.0.down": "fp4-dge", "blocks.1.down": "fp4-dge", "lm_head": first,
+    }  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="fp4train"):
+        convert(model, "fp4-direct")
+    recipes = {n: m.recipe.name for n, m in model.named_modules() if isinstance(m, FP4Linear)}
+    assert recipes.pop("lm_head") == first and set(recipes.values()) == {"fp4-direct"}
+    assert model.blocks[0]["up"] is up  # the same module, its parameters untouched
+    assert f"lm_head (LM head) keeps recipe {first}" in caplog.text
+    assert "5 linear layers now use recipe fp4-direct (5 of them FP4Linear already)" in caplog.text
+
+
 def _norms(model: nn.Module) -> list[RMSNorm]:
     return [m for m in model.modules() if isinstance(m, RMSNorm)]
 
