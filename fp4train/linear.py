@@ -216,16 +216,17 @@ def _use_triton(x: torch.Tensor, layer: FP4Linear) -> bool:
 
 class _FP4LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, recipe, use_triton, out_dtype):
+    def forward(ctx, x2d, weight, recipe, use_triton, out_dtype, grad_enabled):
         if use_triton:
             from fp4train import kernels
 
-            # OCC's residual serves only the weight gradient: none kept when W needs none; a
-            # dense R is packed to its nonzeros later, without waiting (ctx.deferred)
+            # OCC's residual serves only the weight gradient: none kept when W needs none or
+            # no graph is recorded (no_grad / inference_mode, where needs_input_grad still
+            # says True); a dense R is packed to its nonzeros later, without waiting
+            # (ctx.deferred)
             deferred = []
-            y, saved = kernels.linear_forward(
-                x2d, weight, recipe, ctx.needs_input_grad[1], deferred
-            )
+            need_residual = grad_enabled and ctx.needs_input_grad[1]
+            y, saved = kernels.linear_forward(x2d, weight, recipe, need_residual, deferred)
             ctx.deferred = deferred[0] if deferred else None
         else:
             y, saved = reference_forward(x2d, weight, recipe)
@@ -249,7 +250,7 @@ class _FP4LinearFn(torch.autograd.Function):
             dx, dw = reference_backward(tuple(saved), dy2d, weight, ctx.recipe, need_dx, need_dw)
         dx = dx.to(ctx.x_dtype) if dx is not None else None
         dw = dw.to(weight.dtype) if dw is not None else None
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 # ---------------------------------------------------------------------------- module
@@ -315,7 +316,9 @@ class FP4Linear(nn.Linear):
             x = x.to(getattr(torch, self.recipe.compute_dtype))
         x2d = x.reshape(-1, self.in_features)
         with torch.autocast(dev, enabled=False):
-            y = _FP4LinearFn.apply(x2d, self.weight, self.recipe, use_triton, out_dtype)
+            y = _FP4LinearFn.apply(
+                x2d, self.weight, self.recipe, use_triton, out_dtype, torch.is_grad_enabled()
+            )
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

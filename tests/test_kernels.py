@@ -555,6 +555,30 @@ def check_deferred_residuals_reach_bench_memory(g):
             raise AssertionError("values and int32 indices of equal length expected")
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())
+        # no graph recorded (evaluation): nothing kept, nothing left waiting to be packed
+        import fp4train.kernels as kpkg
+        from fp4train.kernels import linear as klin
+
+        real, asked = klin.linear_forward, []
+
+        def recording(*args, **kw):
+            asked.append(args[3])
+            return real(*args, **kw)
+
+        kpkg.linear_forward = recording  # what FP4Linear calls
+        try:
+            for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+                with mode():
+                    y = model(x.bfloat16())
+                pending = len(klin._pending)
+                klin.pack_pending(wait=True)
+                if mode is not torch.enable_grad and pending:
+                    raise AssertionError(f"{mode.__name__}: {pending} residuals left pending")
+                del y
+        finally:
+            kpkg.linear_forward = real
+        if asked != [False, False, False, False, True, True]:
+            raise AssertionError(f"need_residual asked {asked}")
     finally:
         lin._use_triton = use_triton
 
