@@ -424,7 +424,22 @@ def _restore(
     """Load a run's state from checkpoint ``path`` into ``model`` (a DDP / FSDP2 model when
     ``sharded``, every rank reading the file), then set this run's hyperparameters (peak LR
     ``peak_lr``); return (step, recent losses, the settings changed: see _resume_changes)."""
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:  # name the step checkpoints that could stand in for it
+        # (not the one latest.pt is a hard link of: the same damaged bytes)
+        older = [
+            p
+            for p in sorted(Path(path).parent.glob("step_*.pt"))
+            if not (Path(path).exists() and os.path.samefile(p, path))
+        ]
+        if not older:
+            raise
+        names = ", ".join(p.name for p in older)
+        raise CheckpointError(
+            f"{str(e).rstrip('.')}. The run's step checkpoints: {names}; copy one to "
+            f"{Path(path).name} to resume from it"
+        ) from e
     if ckpt["model_config"] != model_config.to_dict():
         raise CheckpointError(
             f"checkpoint {path} was trained with model config {ckpt['model_config']}, "

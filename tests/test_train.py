@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -234,6 +235,20 @@ def test_resume_applies_and_reports_changed_settings(micro, tmp_path, capsys):
     groups = ckpt["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     assert groups[0]["lr"] == 1e-3 * lr_multiplier(6, 6, 0.05, 0.1)
+
+
+def test_resume_from_a_damaged_latest_names_the_step_checkpoints(micro, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(micro, out, max_steps=4, ckpt_every=2, keep_ckpts=2))
+    latest = out / "checkpoints" / "latest.pt"
+    # damaged in place: step_000004.pt, the same file (a hard link), with it
+    latest.write_bytes(latest.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"checkpoints: step_000002.pt; copy one"):
+        train(_cfg(micro, out, max_steps=6, resume=True))
+    latest.unlink()
+    shutil.copyfile(out / "checkpoints" / "step_000002.pt", latest)
+    assert train(_cfg(micro, out, max_steps=6, resume=True))["step"] == 6
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_outputs_and_refusals(micro, tmp_path):
