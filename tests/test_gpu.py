@@ -410,6 +410,30 @@ def test_occ_residual_compact_eagerly_full_under_graph_capture(compensation, gen
         assert_same_bits(a, b, f"{compensation} {what}, graph vs eager (seed {seed})")
 
 
+@pytest.mark.parametrize("compensation", ["dense", "columns", "e4m3"])
+def test_occ_forward_without_a_graph_keeps_no_residual(compensation, gen):
+    """Under no_grad / inference_mode FP4Linear's OCC forward gives the same y bit for bit and
+    leaves no residual pending (none is counted, copied to the host or packed later)."""
+    from fp4train.kernels import linear as klin
+
+    g, seed = gen
+    recipe = Recipe.preset("fp4-paper").replace(
+        **{"occ.compensation": compensation}, backend="triton"
+    )
+    layer = FP4Linear(1024, 512, bias=False, device="cuda", recipe=recipe)
+    x = torch.randn(512, 1024, device="cuda", generator=g)
+    x[:, :8] *= 20
+    x = x.bfloat16()
+    klin.pack_pending(wait=True)
+    want = layer(x)
+    klin.pack_pending(wait=True)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y = layer(x)
+        assert not klin._pending, f"{compensation} {mode.__name__}: residual left pending"
+        assert_same_bits(y, want.detach(), f"{compensation} {mode.__name__} y (seed {seed})")
+
+
 def test_stochastic_rounding_unbiased_on_gpu(gen):
     g, seed = gen
     x = (torch.randn(256, 512, device="cuda", generator=g) * 3).bfloat16()
