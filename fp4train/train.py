@@ -710,7 +710,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(_json_safe(obj), indent=2) + "\n", encoding="utf-8")
+    """``obj`` as JSON at ``path``, whole or not at all (a temporary file, then a rename):
+    --resume reads the run's options back from config.json."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(_json_safe(obj), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _echo(msg: str, bar) -> None:
