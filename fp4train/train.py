@@ -119,7 +119,10 @@ class TrainConfig:
     ``seq_len`` None uses the model's ``max_seq_len``; ``lr`` None a per-model default (4e-3 for
     tiny, else the paper's 3e-4). ``precision``: "auto" (BF16 autocast on CUDA, float32 on
     CPU), "bf16" or "fp32". ``monitor_every`` > 0 logs quantization statistics every that many
-    steps. ``resume`` continues from ``out_dir``/checkpoints/latest.pt. ``optimizer``: "adamw"
+    steps. ``resume`` continues from ``out_dir``/checkpoints/latest.pt with this config's
+    schedule and hyperparameters from the step it reached (each one unlike the checkpoint's is
+    printed; the model and the recipe must match it; ``fp4train train --resume`` fills the
+    options not given from the run's config.json). ``optimizer``: "adamw"
     or "adamw-lp" (FP8/FP16 states). ``parallel``: "auto" (DDP when torchrun started more
     than one process, else none), "none", "ddp" or "fsdp"; ``batch_size`` is the global batch
     per micro-step, divided over the processes.
