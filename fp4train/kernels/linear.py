@@ -121,10 +121,15 @@ _ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _ones(n: int, device: torch.device) -> torch.Tensor:
-    """A cached float32 vector of ones (saves a launch per GEMM)."""
+    """A cached float32 vector of ones (saves a launch per GEMM). Not cached when first asked
+    for during a CUDA-graph capture: its fill would only run at replay, and an eager call
+    before that would read garbage."""
     key = (n, device)
     if key not in _ONES:
-        _ONES[key] = torch.ones(n, dtype=torch.float32, device=device)
+        ones = torch.ones(n, dtype=torch.float32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return ones
+        _ONES[key] = ones
     return _ONES[key]
 
 
