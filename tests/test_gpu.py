@@ -269,6 +269,27 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def test_ones_first_made_inside_a_capture_are_not_cached(gen):
+    """scale_b None reads a cached vector of ones; one first made inside a CUDA-graph capture
+    is filled only at replay, so it must not serve the eager calls after the capture."""
+    from fp4train.kernels import linear as klin
+
+    g, seed = gen
+    a = torch.randn(64, 128, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    b_t = torch.randn(80, 128, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    sa = torch.rand(64, device="cuda", generator=g) + 0.5
+    want = scaled_mm_rowwise(a, b_t, sa, None)  # warm-up, outside the capture
+    klin._ONES.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = scaled_mm_rowwise(a, b_t, sa, None)
+    assert not klin._ONES
+    assert_same_bits(scaled_mm_rowwise(a, b_t, sa, None), want, f"eager after (seed {seed})")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_bits(captured, want, f"replayed (seed {seed})")
+
+
 def test_scaled_mm_rowwise_accumulation(gen):
     """float32 GEMM outputs of E2M1-valued E4M3 x E5M2 operands at K = 4096 against float64
     sums: elementwise within float32's summation bound K·2**-24·(|A|·|B|) without
