@@ -380,9 +380,9 @@ def _load_model_state(model: nn.Module, ckpt: dict, path: Path) -> None:
 
 
 # the settings a resumed run may change, each said when it does: the schedule, the optimizer's
-# hyperparameters (its state brings back the saved ones; this run's are set again after it
-# loads), clipping, and what the batches are (the data order is a function of seed, batch
-# size and step). The model and the recipe must stay (checked below).
+# hyperparameters (its state brings back the saved ones; this run's are applied again after
+# it loads: _apply_settings), clipping, and what the batches are (the data order is a
+# function of seed, batch size and step). The model and the recipe must stay (checked below).
 _RESUME_SETTINGS = (
     "max_steps", "lr", "warmup_frac", "min_lr_frac", "weight_decay", "beta1", "beta2", "eps",
     "grad_clip", "batch_size", "grad_accum", "seq_len", "seed", "precision",
@@ -403,20 +403,24 @@ def _resume_changes(ckpt: dict, cfg: TrainConfig, peak_lr: float, seq_len: int) 
     ]
 
 
-def _set_hyperparameters(optimizer, scheduler, cfg: TrainConfig, peak_lr: float, step: int):
-    """This run's peak LR, schedule, weight decay, betas and eps on the optimizer and scheduler
-    once a checkpoint's states (which bring back the saved ones) have loaded; unchanged
-    settings give the very numbers the states held (LambdaLR's ``base_lr * lambda(step)``)."""
-    scheduler.base_lrs = [peak_lr] * len(optimizer.param_groups)
-    mult = lr_multiplier(step, cfg.max_steps, cfg.warmup_frac, cfg.min_lr_frac)
-    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
-        group.update(
-            initial_lr=peak_lr,
-            lr=peak_lr * mult,
-            weight_decay=decay,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-        )
+def _settings(optimizer) -> list[dict]:
+    """Each parameter group's hyperparameters (everything but its parameters)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def _apply_settings(optimizer, scheduler, ours: list[dict]) -> None:
+    """Loading a checkpoint's optimizer and scheduler states brings back the saved
+    hyperparameters; this run's (``ours``: :func:`_settings` from before the load, as
+    build_optimizer and the scheduler set them) are applied again, and the LR at the step
+    reached follows this run's schedule. Nothing changed: the very numbers the states held
+    (LambdaLR's ``base_lr * lambda(last_epoch)``)."""
+    for group, settings in zip(optimizer.param_groups, ours, strict=True):
+        group.update(settings)
+    scheduler.base_lrs = [settings["initial_lr"] for settings in ours]
+    for group, lam, base in zip(
+        optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
+    ):
+        group["lr"] = base * lam(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
@@ -425,7 +429,7 @@ def _restore(
     peak_lr, seq_len,
 ):  # fmt: skip
     """Load a run's state from checkpoint ``path`` into ``model`` (a DDP / FSDP2 model when
-    ``sharded``, every rank reading the file), then set this run's hyperparameters (peak LR
+    ``sharded``, every rank reading the file), keeping this run's hyperparameters (peak LR
     ``peak_lr``); return (step, recent losses, the settings changed: see _resume_changes)."""
     try:
         ckpt = load_checkpoint(path)
@@ -471,6 +475,7 @@ def _restore(
             f"checkpoint {path} holds the state of optimizer {saved_optimizer!r}, but this run "
             f"uses {cfg.optimizer!r}; resume with --optimizer {saved_optimizer}"
         )
+    ours = _settings(optimizer)
     if sharded:
         from fp4train.distributed import set_full_state
 
@@ -490,7 +495,7 @@ def _restore(
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from e
     _set_rng_state(ckpt["rng"], device)
-    _set_hyperparameters(optimizer, scheduler, cfg, peak_lr, ckpt["step"])
+    _apply_settings(optimizer, scheduler, ours)
     changes = _resume_changes(ckpt, cfg, peak_lr, seq_len)
     return ckpt["step"], ckpt.get("recent_losses", []), changes
 
