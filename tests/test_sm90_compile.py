@@ -226,8 +226,8 @@ CASES = {
             M="i32",
             K="i32",
         ),
-        dict(BLOCK_M=32, BLOCK_K=128),
-        4,
+        {k: kq.BEYOND_CONFIG[k] for k in ("BLOCK_M", "BLOCK_K")},
+        kq.BEYOND_CONFIG["num_warps"],
     ),
     "OCC count nonzeros": lambda: (
         kocc._count_nonzeros_kernel,

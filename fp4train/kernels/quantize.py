@@ -646,6 +646,8 @@ def transpose_bytes(src: torch.Tensor, dst: torch.Tensor) -> None:
 # read by torch 0.032; 0.080 ms at 8192 x 11008)
 AMAX_CONFIG = dict(BLOCK_M=128, BLOCK_K=128, SUB_M=32, SUB_K=128, num_warps=4)
 TILE_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
+# the columns beyond E4M3's range (_beyond_columns_kernel, persistent: PER_SM programs per SM)
+BEYOND_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, PER_SM=4)
 # row-only quantization (X, W): the persistent row-block kernel, PER_SM programs per SM, by
 # the input's element size (benchmarks/sweep_rowblock.py, H100: 64-row blocks and 16 warps are
 # 10% faster than the float32 choice on bf16 X, 22% slower on float32 W); with OCC's clamp
@@ -809,9 +811,11 @@ def _quantize(
                 OUT8=out8, **cfg,
             )  # fmt: skip
         if out8 and m and k:  # the flagged tiles' columns (no work when none was flagged)
-            progs = persistent_programs(cdiv(m, 32) * cdiv(k, 128), 4, dev)
+            cfg = dict(BEYOND_CONFIG)
+            tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(k, cfg["BLOCK_K"])
+            progs = persistent_programs(tiles, cfg.pop("PER_SM"), dev)
             launch(_beyond_columns_kernel, (progs,), x, x.stride(0), s_row, hit, resid, m, k,
-                   BLOCK_M=32, BLOCK_K=128, num_warps=4)  # fmt: skip
+                   **cfg)  # fmt: skip
         # outputs never alias one another (a custom-op rule)
         return q, s_row, q_t, None, None, resid
     c1 = format_constants(row_fmt) if row_fmt is not None else format_constants("e4m3")
