@@ -25,44 +25,29 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 E8="fp4-paper[occ.compensation=e4m3]"
 COLS="fp4-paper[occ.compensation=columns]"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
-if [[ " $* " == *" --verify "* ]]; then  # --compact in three shorter calls: the GPU tests
+verify() {  # the GPU tests, the quantize kernels
   timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 \
     | tee "$OUT/gpu_tests_full.log" | grep -v "^tests\|^  \|^$\|Warn" | tail -15 \
     | tee "$OUT/gpu_tests.txt"
   timeout 50 python3 -m fp4train bench quant 2>&1 | grep "^|" | tee "$OUT/quant.md"
-  exit 0
-fi
-if [[ " $* " == *" --layer "* ]]; then  # the 1.3B step with R compact / full, the layer
+}
+layer() {  # the 1.3B step with R compact / full, the layer
   timeout 70 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp4-paper 2>&1 \
     | grep "^|" | tee "$OUT/step.md"
   FP4TRAIN_FULL_RESIDUAL=1 timeout 45 python3 -m fp4train bench step --models 1.3b \
     --recipes fp4-paper 2>&1 | grep "^|" | tee "$OUT/step_full_residual.md"
   timeout 70 python3 -m fp4train bench linear --cuda-graph --shapes 4096x4096 8192x8192 \
     --recipes fp4-dge "$E8" "$COLS+chan" 2>&1 | grep "^|" | tee "$OUT/bench_linear.md"
-  exit 0
-fi
-if [[ " $* " == *" --extra "* ]]; then  # e4m3 by kernel, the compact pieces by config
+}
+extra() {  # e4m3 by kernel, the compact pieces by config
   timeout 45 python3 -m fp4train bench profile --recipes "$E8" 2>&1 | grep "^|\|^#" \
     | tee "$OUT/profile.md"
   timeout 80 python3 benchmarks/sweep_compact.py 2>&1 | grep "^|" | tee "$OUT/sweep_compact.md"
-  exit 0
-fi
-if [[ " $* " == *" --compact "* ]]; then
-  timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 \
-    | tee "$OUT/gpu_tests_full.log" | grep -v "^tests\|^  \|^$\|Warn" | tail -15 \
-    | tee "$OUT/gpu_tests.txt"
-  timeout 80 python3 benchmarks/sweep_compact.py 2>&1 | grep "^|" | tee "$OUT/sweep_compact.md"
-  timeout 70 python3 -m fp4train bench linear --cuda-graph --shapes 4096x4096 8192x8192 \
-    --recipes fp4-dge "$E8" "$COLS+chan" 2>&1 | grep "^|" | tee "$OUT/bench_linear.md"
-  timeout 45 python3 -m fp4train bench profile --recipes "$E8" 2>&1 | grep "^|\|^#" \
-    | tee "$OUT/profile.md"
-  timeout 50 python3 -m fp4train bench quant 2>&1 | grep "^|" | tee "$OUT/quant.md"
-  timeout 70 python3 -m fp4train bench step --models 1.3b --recipes bf16 fp4-paper 2>&1 \
-    | grep "^|" | tee "$OUT/step.md"
-  FP4TRAIN_FULL_RESIDUAL=1 timeout 45 python3 -m fp4train bench step --models 1.3b \
-    --recipes fp4-paper 2>&1 | grep "^|" | tee "$OUT/step_full_residual.md"
-  exit 0
-fi
+}
+if [[ " $* " == *" --verify "* ]]; then verify; exit 0; fi
+if [[ " $* " == *" --layer "* ]]; then layer; exit 0; fi
+if [[ " $* " == *" --extra "* ]]; then extra; exit 0; fi
+if [[ " $* " == *" --compact "* ]]; then verify; layer; extra; exit 0; fi
 if [[ " $* " == *" --kernels "* ]]; then
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k \
     "compact or stochastic or rejects or without_graph or dy" 2>&1 | tee "$OUT/gpu_tests_full.log" \
