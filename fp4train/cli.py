@@ -416,18 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# the options a resumed run takes from its config.json when not given (argparse default None)
-_INHERITED = (
-    "model", "recipe", "overrides", "data", "vocab_size", "seq_len", "batch_size", "grad_accum",
-    "max_steps", "lr", "warmup_frac", "min_lr_frac", "weight_decay", "grad_clip", "optimizer",
-    "seed", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_ckpts",
-    "monitor_every", "precision",
-)  # fmt: skip
-
-
 def _saved_options(out: str | None) -> dict:
     """The options run ``out`` was last started with (its config.json's "train" section), or
-    {} where it has no config.json."""
+    {} where it has no config.json. :func:`_train_config` takes from it each option read
+    through ``opt`` and not given (argparse default None); device, parallelism, compile,
+    cache and progress stay this invocation's."""
     path = Path(out or "") / "config.json"
     if out is None or not path.is_file():
         return {}
@@ -440,7 +433,7 @@ def _saved_options(out: str | None) -> dict:
             f"{path} cannot be read ({e}); it records the run's options for --resume: "
             "repair or delete it and give the options again"
         ) from e
-    return {k: saved[k] for k in _INHERITED if k in saved}
+    return saved
 
 
 def _train_config(args: argparse.Namespace, command: str) -> TrainConfig:
